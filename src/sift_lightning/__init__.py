@@ -1,0 +1,18 @@
+"""sift_lightning: Sparse Iso-FLOP Transformations (Sparse-IFT) for PyTorch Lightning."""
+
+from sift_lightning.flops import FlopReport, count_flops
+from sift_lightning.models.backbones import create_backbone
+from sift_lightning.sparse.masks import SparseOwner, mark_sparse, sparse_targets
+from sift_lightning.transforms import FAMILIES, transform
+
+__all__ = [
+    "FAMILIES",
+    "FlopReport",
+    "SparseOwner",
+    "count_flops",
+    "create_backbone",
+    "mark_sparse",
+    "sparse_targets",
+    "transform",
+]
+__version__ = "0.1.0"

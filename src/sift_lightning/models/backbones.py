@@ -1,0 +1,73 @@
+"""Backbones: any timm model by name, plus the CIFAR form of ResNets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from torch import nn
+
+__all__ = ["create_backbone", "has_cifar_stem"]
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    from timm.models.resnet import ResNet
+
+    return isinstance(model, ResNet)
+
+
+def has_cifar_stem(model: nn.Module) -> bool:
+    """True for a timm ResNet whose stem is a single 3x3 stride-1 conv with no max-pool."""
+    conv = getattr(model, "conv1", None)
+    return (
+        _is_resnet(model)
+        and isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and isinstance(getattr(model, "maxpool", None), nn.Identity)
+    )
+
+
+def _apply_cifar_stem(model: nn.Module, name: str) -> None:
+    conv = getattr(model, "conv1", None)
+    if not _is_resnet(model) or not isinstance(conv, nn.Conv2d):
+        raise ValueError(
+            f"cifar_stem applies to timm ResNets with a single-conv stem (resnet18, resnet34, "
+            f"resnet50, ...); {name!r} has none: pass cifar_stem=False"
+        )
+    # 32x32 inputs: a 7x7 stride-2 conv and a max-pool would leave 8x8 maps before layer1.
+    model.conv1 = nn.Conv2d(
+        conv.in_channels, conv.out_channels, 3, 1, 1, bias=False,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    model.maxpool = nn.Identity()
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    *,
+    cifar_stem: bool = False,
+    in_chans: int = 3,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """Build a timm model by name (randomly initialised unless ``pretrained=True`` is passed).
+
+    Args:
+        name: any name ``timm.list_models()`` knows.
+        num_classes: classifier outputs.
+        cifar_stem: for ResNets, a 3x3 stride-1 stem with no max-pool (the CIFAR ResNets of the
+            paper: ``resnet18`` with 100 classes has 11,220,132 parameters).
+        in_chans: input channels (1 for Fashion-MNIST).
+        **timm_kwargs: passed to ``timm.create_model`` (``drop_rate``, ``channels``, ...).
+
+    Raises:
+        ValueError: unknown model name (with close matches), or ``cifar_stem`` on a non-ResNet.
+    """
+    if name not in timm.list_models() and not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown timm model {name!r}; close matches: {', '.join(close) or 'none'}")
+    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    if cifar_stem:
+        _apply_cifar_stem(model, name)
+    return model

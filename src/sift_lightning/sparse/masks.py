@@ -1,0 +1,144 @@
+"""Masks: the protocol for modules that own sparse parameters, and the mask buffers.
+
+A module owns sparse parameters when it carries a ``sift_sparsity`` dict mapping the names of its
+*own* parameters (``"weight"``) to their target sparsity. Nothing else is required, so any module
+-- ours, timm's or a user's -- can take part: set the attribute (``mark_sparse``) and the callback,
+the FLOP counter and the exporters find it. Masks are boolean buffers ``<param>_mask`` on the same
+module, so they travel in ``state_dict`` and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SparseOwner",
+    "active_count",
+    "apply_masks",
+    "get_mask",
+    "init_masks",
+    "mark_sparse",
+    "sparse_modules",
+    "sparse_parameters",
+    "sparse_targets",
+    "set_mask",
+]
+
+MASK_SUFFIX = "_mask"
+MASK_INITS = ("random", "magnitude")
+
+
+@runtime_checkable
+class SparseOwner(Protocol):
+    """A module whose parameters named in ``sift_sparsity`` are trained sparse."""
+
+    sift_sparsity: dict[str, float]
+
+
+def mark_sparse(module: nn.Module, sparsity: float, names: tuple[str, ...] = ("weight",)) -> nn.Module:
+    """Declare ``module``'s parameters ``names`` sparse at ``sparsity`` and return the module."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    for name in names:
+        if not isinstance(getattr(module, name, None), nn.Parameter):
+            raise ValueError(f"{type(module).__name__} has no parameter {name!r} to make sparse")
+    module.sift_sparsity = {name: float(sparsity) for name in names}
+    return module
+
+
+def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every module of ``model`` that owns sparse parameters."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseOwner):
+            yield name, module
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def sparse_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    """Yield ``(full_name, owner, local_name, parameter)`` for every sparse parameter."""
+    for prefix, module in sparse_modules(model):
+        for local in module.sift_sparsity:
+            yield _join(prefix, local), module, local, getattr(module, local)
+
+
+def sparse_targets(model: nn.Module) -> dict[str, float]:
+    """Map each sparse parameter's full name to its target sparsity.
+
+    Once masks exist the target is the mask's real sparsity, so this, the FLOP counter and the
+    callback's logs always agree.
+    """
+    targets = {}
+    for full, owner, local, _ in sparse_parameters(model):
+        mask = get_mask(owner, local)
+        if mask is None:
+            targets[full] = owner.sift_sparsity[local]
+        else:
+            targets[full] = 1.0 - active_count(mask) / mask.numel()
+    return targets
+
+
+def get_mask(owner: nn.Module, local: str) -> torch.Tensor | None:
+    """The boolean mask buffer of ``owner.<local>``, or None before masks exist."""
+    return owner._buffers.get(local + MASK_SUFFIX)
+
+
+def set_mask(owner: nn.Module, local: str, mask: torch.Tensor) -> None:
+    """Create or overwrite the mask buffer of ``owner.<local>`` (same device as the parameter)."""
+    param = getattr(owner, local)
+    if mask.shape != param.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {local} {tuple(param.shape)}")
+    mask = mask.to(device=param.device, dtype=torch.bool)
+    existing = get_mask(owner, local)
+    if existing is None:
+        owner.register_buffer(local + MASK_SUFFIX, mask)
+    else:
+        existing.copy_(mask)
+
+
+def active_count(mask: torch.Tensor) -> int:
+    """Number of True entries of a mask."""
+    return int(mask.sum().item())
+
+
+def keep_count(numel: int, sparsity: float) -> int:
+    """Active weights of a tensor of ``numel`` entries at ``sparsity`` (at least one)."""
+    return max(1, min(numel, round((1.0 - sparsity) * numel)))
+
+
+def init_masks(model: nn.Module, init: str = "random", generator: torch.Generator | None = None) -> None:
+    """Give every sparse parameter a mask with exactly ``keep_count`` active entries.
+
+    Args:
+        model: the model whose sparse parameters get masks (existing masks are overwritten).
+        init: ``"random"`` keeps a uniformly random subset; ``"magnitude"`` keeps the largest |w|.
+        generator: CPU generator for ``"random"``; seed it identically on every rank.
+    """
+    if init not in MASK_INITS:
+        raise ValueError(f"init must be one of {MASK_INITS}, got {init!r}")
+    for _, owner, local, param in sparse_parameters(model):
+        keep = keep_count(param.numel(), owner.sift_sparsity[local])
+        if init == "random":
+            scores = torch.rand(param.shape, generator=generator)
+        else:
+            scores = param.detach().abs().float().cpu()
+        idx = torch.topk(scores.flatten(), keep, sorted=False).indices
+        mask = torch.zeros(param.numel(), dtype=torch.bool)
+        mask[idx] = True
+        set_mask(owner, local, mask.view(param.shape))
+    apply_masks(model)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> None:
+    """Set every masked-out weight to exactly zero."""
+    for _, owner, local, param in sparse_parameters(model):
+        mask = get_mask(owner, local)
+        if mask is not None:
+            param.masked_fill_(~mask, 0.0)

@@ -1,0 +1,58 @@
+"""Sparse Doped: a sparse layer plus a dense low-rank path, ``W_sparse x + V(U(x))``.
+
+Size rule (iso-FLOP): ``W_sparse`` (original shape, density ``1 - s``) costs ``(1 - s) d_in d_out``
+and the dense rank-r path ``r (d_in + d_out)``; they sum to ``d_in d_out`` when
+``r = floor(s d_in d_out / (d_in + d_out))``. Only ``W_sparse`` is sparse; U and V stay dense and
+have no nonlinearity between them, so the layer folds back to one dense layer for inference.
+Conv form: U is a KxK conv ``c_in -> r`` with the original stride/padding, V a 1x1 conv ``r -> c_out``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sift_lightning.sparse.masks import mark_sparse
+from sift_lightning.transforms._registry import register
+from sift_lightning.transforms._surgery import candidate_layers, replace_module
+from sift_lightning.transforms.factorized import factor_pair, layer_dims
+
+__all__ = ["SparseDoped", "doped_rank", "sparse_doped"]
+
+
+def doped_rank(d_in: int, d_out: int, sparsity: float) -> int:
+    """``r = floor(s d_in d_out / (d_in + d_out))``."""
+    return math.floor(sparsity * d_in * d_out / (d_in + d_out) + 1e-9)
+
+
+class SparseDoped(nn.Module):
+    """``sparse(x) + v(u(x))``; ``u``/``v`` are None when the rank rounds to 0."""
+
+    def __init__(self, sparse: nn.Module, u: nn.Module | None, v: nn.Module | None) -> None:
+        super().__init__()
+        self.sparse, self.u, self.v = sparse, u, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.sparse(x)
+        if self.u is not None:
+            out = out + self.v(self.u(x))
+        return out
+
+
+@register("sparse_doped")
+def sparse_doped(model: nn.Module, sparsity: float, **select) -> nn.Module:
+    """Add a dense rank-r path to every candidate layer and make the layer itself sparse, in place.
+
+    Args:
+        model: any module of Conv2d/Linear layers.
+        sparsity: s in (0, 1).
+        **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
+    """
+    for name, layer in candidate_layers(model, **select):
+        rank = doped_rank(*layer_dims(layer), sparsity)
+        # the sparse layer keeps the one bias, so V has none
+        u, v = factor_pair(layer, rank, v_bias=False) if rank > 0 else (None, None)
+        replace_module(model, name, SparseDoped(mark_sparse(layer, sparsity), u, v))
+    return model

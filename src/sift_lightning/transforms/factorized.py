@@ -1,0 +1,121 @@
+"""Sparse Factorized: ``W ~= U V`` with a normalisation and nonlinearity between, both sparse.
+
+Size rule (iso-FLOP): ``U: d_in -> d_h`` and ``V: d_h -> d_out`` at density ``1 - s`` cost
+``(1 - s) d_h (d_in + d_out)`` MACs, equal to the dense ``d_in d_out`` when
+``d_h = ceil(d_in d_out / ((d_in + d_out) (1 - s)))``. For a KxK conv ``d_in = K K c_in``.
+
+Conv form: U is a KxK conv ``c_in -> d_h`` with the original stride/padding/dilation, then
+BatchNorm + ReLU (the official CIFAR config), then V, a 1x1 conv ``d_h -> c_out`` that keeps the
+original bias. Linear form (our choice, visible in configs): LayerNorm + GELU between U and V by
+default; ``linear_norm="none"``/``linear_act="none"`` turn them off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sift_lightning.sparse.masks import mark_sparse
+from sift_lightning.transforms._registry import register
+from sift_lightning.transforms._surgery import candidate_layers, replace_module
+
+__all__ = ["SparseFactorized", "factorized_hidden", "sparse_factorized", "layer_dims"]
+
+NORMS = ("batchnorm", "layernorm", "none")
+ACTS = ("relu", "gelu", "none")
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a Linear, or ``(K*K*c_in, c_out)`` of a Conv2d."""
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return kh * kw * layer.in_channels // layer.groups, layer.out_channels
+    return layer.in_features, layer.out_features
+
+
+def factorized_hidden(d_in: int, d_out: int, sparsity: float) -> int:
+    """``d_h = ceil(d_in d_out / ((d_in + d_out)(1 - s)))``."""
+    return math.ceil(d_in * d_out / ((d_in + d_out) * (1.0 - sparsity)) - 1e-9)
+
+
+def _norm(kind: str, dim: int, conv: bool, factory: dict) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batchnorm":
+        return (nn.BatchNorm2d if conv else nn.BatchNorm1d)(dim, **factory)
+    if conv:
+        raise ValueError("layernorm between conv factors is not supported; use batchnorm or none")
+    return nn.LayerNorm(dim, **factory)
+
+
+def _act(kind: str) -> nn.Module:
+    return {"relu": nn.ReLU(), "gelu": nn.GELU(), "none": nn.Identity()}[kind]
+
+
+class SparseFactorized(nn.Module):
+    """``v(act(norm(u(x))))``: a factorisation with a nonlinearity between its factors."""
+
+    def __init__(self, u: nn.Module, mid: nn.Module, v: nn.Module) -> None:
+        super().__init__()
+        self.u, self.mid, self.v = u, mid, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v(self.mid(self.u(x)))
+
+
+def factor_pair(layer: nn.Module, hidden: int, v_bias: bool | None = None) -> tuple[nn.Module, nn.Module]:
+    """U (the original's kernel/stride/padding, no bias) and V (1x1 or Linear).
+
+    V has a bias when ``v_bias`` says so; by default when the original layer has one.
+    """
+    w = layer.weight
+    factory = {"device": w.device, "dtype": w.dtype}
+    bias = layer.bias is not None if v_bias is None else v_bias
+    if isinstance(layer, nn.Conv2d):
+        u = nn.Conv2d(
+            layer.in_channels, hidden, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, bias=False, padding_mode=layer.padding_mode, **factory,
+        )
+        return u, nn.Conv2d(hidden, layer.out_channels, 1, bias=bias, **factory)
+    u = nn.Linear(layer.in_features, hidden, bias=False, **factory)
+    return u, nn.Linear(hidden, layer.out_features, bias=bias, **factory)
+
+
+@register("sparse_factorized")
+def sparse_factorized(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    conv_norm: str = "batchnorm",
+    conv_act: str = "relu",
+    linear_norm: str = "layernorm",
+    linear_act: str = "gelu",
+    **select,
+) -> nn.Module:
+    """Replace every candidate layer by a sparse ``U``, norm + act, sparse ``V``, in place.
+
+    Args:
+        model: any module of Conv2d/Linear layers.
+        sparsity: s in (0, 1).
+        conv_norm, conv_act: what sits between conv factors (``batchnorm``/``none``, ``relu``/
+            ``gelu``/``none``).
+        linear_norm, linear_act: the same for Linear layers (``layernorm``/``batchnorm``/``none``).
+        **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
+    """
+    for value, valid, arg in (
+        (conv_norm, NORMS, "conv_norm"), (linear_norm, NORMS, "linear_norm"),
+        (conv_act, ACTS, "conv_act"), (linear_act, ACTS, "linear_act"),
+    ):
+        if value not in valid:
+            raise ValueError(f"{arg} must be one of {valid}, got {value!r}")
+    for name, layer in candidate_layers(model, **select):
+        conv = isinstance(layer, nn.Conv2d)
+        hidden = factorized_hidden(*layer_dims(layer), sparsity)
+        u, v = factor_pair(layer, hidden)
+        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+        norm = _norm(conv_norm if conv else linear_norm, hidden, conv, factory)
+        mid = nn.Sequential(norm, _act(conv_act if conv else linear_act))
+        replace_module(model, name, SparseFactorized(mark_sparse(u, sparsity), mid, mark_sparse(v, sparsity)))
+    return model

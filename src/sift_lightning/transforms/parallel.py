@@ -1,0 +1,79 @@
+"""Sparse Parallel: ``n`` sparse copies of a layer whose outputs are summed.
+
+Size rule (iso-FLOP): each branch has the dense layer's shape at density ``1 - s``, so
+``n (1 - s) = 1`` and ``n = round(1 / (1 - s))`` (s=0.5 -> 2, 0.75 -> 4, 0.9 -> 10).
+Sparse MACs: ``n (1 - s) d_in d_out ~= d_in d_out``.
+
+A conv followed by a BatchNorm becomes ``sum_i BN_i(conv_i(x))``: every branch owns its norm,
+as in the official ResNet-18, and the original BN is replaced by Identity so the block's
+activation follows the sum. Without per-branch norms a sum of linear maps is one denser matrix.
+Linear layers have no norm to carry: their branches are plain Linear copies (biases summed).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sift_lightning.sparse.masks import mark_sparse
+from sift_lightning.transforms._registry import register
+from sift_lightning.transforms._surgery import candidate_layers, following_batchnorm, replace_module
+
+__all__ = ["SparseParallel", "parallel_branches", "sparse_parallel"]
+
+
+def parallel_branches(sparsity: float) -> int:
+    """Number of branches ``n = round(1 / (1 - s))``."""
+    return max(1, round(1.0 / (1.0 - sparsity)))
+
+
+class SparseParallel(nn.Module):
+    """Sum of ``n`` branches with identical input/output shapes."""
+
+    def __init__(self, branches: list[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+def _fresh_copy(layer: nn.Module) -> nn.Module:
+    """A copy with its own fresh initialisation (same device and dtype)."""
+    new = copy.deepcopy(layer)
+    new.reset_parameters()
+    return new
+
+
+@register("sparse_parallel")
+def sparse_parallel(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    branch_norm: bool = True,
+    **select,
+) -> nn.Module:
+    """Replace every candidate layer by ``parallel_branches(s)`` sparse branches, in place.
+
+    Args:
+        model: any module of Conv2d/Linear layers.
+        sparsity: s in (0, 1).
+        branch_norm: give each conv branch its own copy of the BatchNorm that follows the conv.
+        **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
+    """
+    n = parallel_branches(sparsity)
+    for name, layer in candidate_layers(model, **select):
+        bn = following_batchnorm(model, name) if branch_norm and isinstance(layer, nn.Conv2d) else None
+        branches: list[nn.Module] = []
+        for _ in range(n):
+            conv = mark_sparse(_fresh_copy(layer), sparsity)
+            branches.append(nn.Sequential(conv, _fresh_copy(bn[1])) if bn else conv)
+        replace_module(model, name, SparseParallel(branches))
+        if bn:
+            replace_module(model, bn[0], nn.Identity())
+    return model
