@@ -1,5 +1,6 @@
 """sift_lightning: Sparse Iso-FLOP Transformations (Sparse-IFT) for PyTorch Lightning."""
 
+from sift_lightning.callback import SparsityCallback, SupportsTransform
 from sift_lightning.flops import FlopReport, count_flops
 from sift_lightning.models.backbones import create_backbone
 from sift_lightning.sparse.masks import SparseOwner, mark_sparse, sparse_targets
@@ -9,6 +10,8 @@ __all__ = [
     "FAMILIES",
     "FlopReport",
     "SparseOwner",
+    "SparsityCallback",
+    "SupportsTransform",
     "count_flops",
     "create_backbone",
     "mark_sparse",

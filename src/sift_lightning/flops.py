@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from sift_lightning.sparse.masks import SparseOwner, get_mask
 
-__all__ = ["FlopReport", "LayerFlops", "count_flops", "iso_flop_table", "weight_density"]
+__all__ = ["FlopReport", "LayerFlops", "LayerRecorder", "count_flops", "iso_flop_table", "weight_density"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -118,6 +118,29 @@ def _run(model: nn.Module, example_input: Any) -> None:
         model(example_input)
 
 
+class LayerRecorder:
+    """Context manager that records a ``LayerFlops`` row for every Conv/Linear call inside it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.rows: list[LayerFlops] = []
+        self._names = {m: n for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+        self._handles: list[Any] = []
+
+    def _hook(self, module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        # every output entry is one dot product of length weight.numel() / out_features
+        macs = module.weight.numel() * output.numel() // module.weight.shape[0]
+        self.rows.append(LayerFlops(self._names[module], type(module).__name__, macs, weight_density(module)))
+
+    def __enter__(self) -> LayerRecorder:
+        self._handles = [m.register_forward_hook(self._hook) for m in self._names]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, example_input: Any) -> FlopReport:
     """Count one forward pass of ``model`` on ``example_input`` (run in eval mode, restored after).
@@ -127,25 +150,15 @@ def count_flops(model: nn.Module, example_input: Any) -> FlopReport:
         example_input: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
             MACs are for this input as given: pass a batch of one for per-sample figures.
     """
-    report = FlopReport()
-
-    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        # every output entry is one dot product of length weight.numel() / out_features
-        macs = module.weight.numel() * output.numel() // module.weight.shape[0]
-        report.layers.append(LayerFlops(names[module], type(module).__name__, macs, weight_density(module)))
-
-    names = {m: n for n, m in model.named_modules() if isinstance(m, _LAYERS)}
-    handles = [m.register_forward_hook(hook) for m in names]
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        with LayerRecorder(model) as rec, FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
             _run(model, example_input)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    report.other_macs = counter.get_total_flops() // 2 - sum(r.dense_macs for r in report.layers)
+    report = FlopReport(layers=rec.rows)
+    report.other_macs = counter.get_total_flops() // 2 - sum(r.dense_macs for r in rec.rows)
     report.params, report.active_params = _param_counts(model)
     return report
 
