@@ -3,17 +3,25 @@
 from sift_lightning.callback import SparsityCallback, SupportsTransform
 from sift_lightning.flops import FlopReport, count_flops
 from sift_lightning.models.backbones import create_backbone
+from sift_lightning.models.gpt import GPT, GPTConfig, gpt_config
+from sift_lightning.modules import ImageClassifier, LanguageModel, OptimConfig
 from sift_lightning.sparse.masks import SparseOwner, mark_sparse, sparse_targets
 from sift_lightning.transforms import FAMILIES, transform
 
 __all__ = [
     "FAMILIES",
     "FlopReport",
+    "GPT",
+    "GPTConfig",
+    "ImageClassifier",
+    "LanguageModel",
+    "OptimConfig",
     "SparseOwner",
     "SparsityCallback",
     "SupportsTransform",
     "count_flops",
     "create_backbone",
+    "gpt_config",
     "mark_sparse",
     "sparse_targets",
     "transform",
