@@ -70,7 +70,7 @@ class ImageClassifier(SiftCheckpointMixin, pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         for name, metric in self.metrics.items():
             if name.startswith(split):
                 metric(logits, y)

@@ -77,7 +77,7 @@ def _widen_cnn(model: nn.Module, factor: float) -> nn.Module:
             new = nn.Linear(w(m.in_features), out, m.bias is not None, **factory)
         elif isinstance(m, nn.BatchNorm2d):
             new = type(m)(w(m.num_features), m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
-            if m.affine and not m.weight.any():  # keep zero-init of a residual branch's last norm
+            if m.affine and not m.weight.is_meta and not m.weight.any():  # keep a zero-init residual norm
                 nn.init.zeros_(new.weight)
         else:
             continue

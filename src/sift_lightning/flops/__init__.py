@@ -236,7 +236,3 @@ def main(argv: list[str] | None = None) -> None:
         example = torch.zeros(1, a.in_chans, size, size, device="meta")
     rows = iso_flop_table(build, example, a.families, a.sparsity, match_flops=a.match_flops)
     print(format_table(rows))
-
-
-if __name__ == "__main__":
-    main()

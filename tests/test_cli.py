@@ -1,0 +1,85 @@
+"""sift-fit end to end: the quickstarts run, on one process and on two (DDP over gloo), and our
+errors print as one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sift_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(not DEBIAN_FMNIST.exists(), reason="Debian's dataset-fashion-mnist not installed")
+FAST = ["--trainer.max_steps", "4", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "4",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _sift_fit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "sift_lightning.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@needs_fmnist
+def test_quickstart_runs_and_logs_sparsity(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *FAST, "--data.init_args.batch_size", "32",
+          "--trainer.log_every_n_steps", "1"])
+    (version,) = (tmp_path / "runs" / "quickstart").iterdir()
+    assert (version / "checkpoints" / "last.ckpt").exists()
+    ckpt = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    masks = {k: v for k, v in ckpt["state_dict"].items() if k.endswith("_mask")}
+    assert masks and all(v.dtype == torch.bool for v in masks.values())
+    active = sum(int(v.sum()) for v in masks.values())
+    assert active == pytest.approx(0.5 * sum(v.numel() for v in masks.values()), abs=len(masks))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"sift/density", "sift/flops_per_sample_sparse", "train/loss_step", "val/acc1"} <= tags
+
+
+@needs_fmnist
+def test_quickstart_under_ddp_two_cpu_processes(tmp_path):
+    out = _sift_fit("fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config",
+                    str(CONFIGS / "strategies" / "cpu_ddp.yaml"), *FAST, "--data.init_args.batch_size", "16",
+                    cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in out.stdout + out.stderr
+    (version,) = (tmp_path / "runs" / "quickstart").iterdir()
+    assert (version / "checkpoints" / "last.ckpt").exists()
+
+
+def test_quickstart_gpt_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), *FAST, "--data.init_args.batch_size", "8"])
+    (version,) = (tmp_path / "runs" / "quickstart_gpt").iterdir()
+    ckpt = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert any(k.endswith("branches.1.weight_mask") for k in ckpt["state_dict"])  # Sparse Parallel, s=0.5
+    assert "val/ppl" in str(ckpt["callbacks"]) or ckpt["global_step"] == 4
+
+
+def test_missing_data_is_one_line(tmp_path):
+    out = _sift_fit("fit", "--config", str(CONFIGS / "resnet18_dense.yaml"), "--data.init_args.root", str(tmp_path / "nowhere"),
+                    "--data.init_args.download", "false", "--trainer.accelerator", "cpu", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("sift-fit: error: CIFAR-100 not found under ")
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_sift_value_is_one_line(tmp_path):
+    out = _sift_fit("fit", "--config", str(CONFIGS / "quickstart.yaml"), "--sift.sparsity", "1.5",
+                    "--trainer.accelerator", "cpu", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "sift-fit: error: sparsity must be a number in (0, 1) such as 0.5, 0.75 or 0.9, got 1.5")
+    assert "Traceback" not in out.stderr
