@@ -1,0 +1,85 @@
+"""Shared pieces of the data modules: the not-found error, loaders and a seeded split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+__all__ = ["DataNotFoundError", "eval_loader", "split_indices", "train_loader"]
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set is not on disk. Its message is one line: what, where we looked, how to fix it.
+
+    Example: ``Fashion-MNIST not found under /x/y (looked for train-images-idx3-ubyte[.gz]);
+    put the IDX files there, install Debian's dataset-fashion-mnist, or set download: true
+    (needs internet)``.
+
+    Args:
+        dataset: Human name of the data set ("Fashion-MNIST").
+        roots: Every place searched, in order.
+        looked_for: The file or layout that was missing.
+        hint: How to provide the data.
+    """
+
+    def __init__(self, dataset: str, roots: Sequence[str | Path], looked_for: str, hint: str) -> None:
+        where = ", ".join(str(r) for r in roots)
+        super().__init__(f"{dataset} not found under {where} (looked for {looked_for}); {hint}")
+        self.dataset = dataset
+        self.roots = [str(r) for r in roots]
+
+
+def abspath(path: str | Path) -> Path:
+    """``path`` made absolute without resolving symlinks, so messages show what the user typed."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded random split of ``range(n)`` into (train, val) index lists.
+
+    The same ``(n, val_size, seed)`` gives the same split on every machine and rank, so the
+    validation set never leaks into training after a resume or under DDP.
+    """
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}) for a data set of {n} items, got {val_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[val_size:]), sorted(order[:val_size])
+
+
+def train_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, seed: int, drop_last: bool = False
+) -> StatefulDataLoader:
+    """A shuffling train loader that Lightning can resume mid-epoch.
+
+    ``StatefulDataLoader`` has ``state_dict``/``load_state_dict``; Lightning stores them in the
+    checkpoint, so a resumed run continues with exactly the batch the interrupted run would have
+    drawn next (a plain ``DataLoader`` restarts the epoch). The shuffle order comes from a
+    generator seeded with ``seed``: epoch k's order is the same on every run.
+    """
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+    )
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """An in-order loader for validation and test (no state needed: they always run whole)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
