@@ -7,6 +7,8 @@ from typing import Any
 import timm
 from torch import nn
 
+from sift_lightning.models import cifar_resnet  # noqa: F401  registers cifar_resnet* with timm
+
 __all__ = ["create_backbone", "has_cifar_stem"]
 
 
@@ -54,7 +56,8 @@ def create_backbone(
     """Build a timm model by name (randomly initialised unless ``pretrained=True`` is passed).
 
     Args:
-        name: any name ``timm.list_models()`` knows.
+        name: any name ``timm.list_models()`` knows, including this project's ``cifar_resnet20``,
+            ``cifar_resnet32`` and ``cifar_resnet56`` (``width=`` narrows them).
         num_classes: classifier outputs.
         cifar_stem: for ResNets, a 3x3 stride-1 stem with no max-pool (the CIFAR ResNets of the
             paper: ``resnet18`` with 100 classes has 11,220,132 parameters).
@@ -68,6 +71,6 @@ def create_backbone(
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"unknown timm model {name!r}; close matches: {', '.join(close) or 'none'}")
     model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
-    if cifar_stem:
+    if cifar_stem and not getattr(model, "cifar_native", False):
         _apply_cifar_stem(model, name)
     return model

@@ -41,6 +41,8 @@ def distribute(
         sparsity: the global target sparsity in [0, 1).
         distribution: ``"uniform"`` (every layer at ``sparsity``) or ``"erk"``.
     """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if distribution == "uniform" or not shapes:

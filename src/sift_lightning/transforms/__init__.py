@@ -105,7 +105,7 @@ def match_flop_budget(model: nn.Module, example_input: Any, budget: float) -> fl
     fixed = report.dense_macs - sparse_part
     s = 1.0 - (budget - fixed) / sparse_part
     if not 0.0 < s < 1.0:
-        raise ValueError(f"cannot meet a budget of {budget:,.0f} MACs: it needs sparsity {s:.4f}; lower match tolerance or the sparsity")
+        raise ValueError(f"cannot meet a budget of {budget:,.0f} MACs: it needs sparsity {s:.4f}; choose another sparsity or turn match_flops off")
     for _, module in sparse_modules(model):
         module.sift_sparsity = {k: s for k in module.sift_sparsity}
     return s

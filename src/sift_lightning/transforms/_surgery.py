@@ -11,11 +11,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import SparseOwner
 
-__all__ = ["candidate_layers", "replace_module", "is_candidate"]
+__all__ = ["assert_no_sparse_layers", "candidate_layers", "is_candidate", "keep_zero_init", "replace_module"]
 
 
 def is_candidate(module: nn.Module) -> bool:
@@ -41,6 +42,24 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def assert_no_sparse_layers(model: nn.Module) -> None:
+    """Raise when ``model`` was transformed already: members apply to a fresh, dense model."""
+    owners = [n for n, m in model.named_modules() if isinstance(m, SparseOwner)]
+    if owners:
+        raise ValueError(
+            f"model already has sparse layers ({owners[0]}, ...); apply a transformation to a fresh model"
+        )
+
+
+def keep_zero_init(old: nn.Module, new: nn.Module) -> None:
+    """Zero ``new``'s norm weight where ``old``'s was all zeros (timm zero-inits each residual
+    branch's last norm so blocks start as identities; fresh copies must not undo that)."""
+    w = getattr(old, "weight", None)
+    if isinstance(w, torch.Tensor) and not w.is_meta and not w.any():
+        with torch.no_grad():
+            new.weight.zero_()
+
+
 def candidate_layers(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -59,11 +78,7 @@ def candidate_layers(
     Raises:
         ValueError: when the model already owns sparse parameters, or nothing is left to replace.
     """
-    owners = [n for n, m in model.named_modules() if isinstance(m, SparseOwner)]
-    if owners:
-        raise ValueError(
-            f"model already has sparse layers ({owners[0]}, ...); apply a transformation to a fresh model"
-        )
+    assert_no_sparse_layers(model)
     layers = [(n, m) for n, m in model.named_modules() if is_candidate(m)]
     dense_patterns = list(exclude or [])
     if keep_ends_dense:

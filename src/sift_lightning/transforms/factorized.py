@@ -23,7 +23,8 @@ from sift_lightning.transforms._surgery import candidate_layers, replace_module
 
 __all__ = ["SparseFactorized", "factorized_hidden", "sparse_factorized", "layer_dims"]
 
-NORMS = ("batchnorm", "layernorm", "none")
+CONV_NORMS = ("batchnorm", "none")
+LINEAR_NORMS = ("layernorm", "none")  # BatchNorm1d would normalise the sequence dim of (B, T, C)
 ACTS = ("relu", "gelu", "none")
 
 
@@ -40,14 +41,10 @@ def factorized_hidden(d_in: int, d_out: int, sparsity: float) -> int:
     return math.ceil(d_in * d_out / ((d_in + d_out) * (1.0 - sparsity)) - 1e-9)
 
 
-def _norm(kind: str, dim: int, conv: bool, factory: dict) -> nn.Module:
+def _norm(kind: str, dim: int, factory: dict) -> nn.Module:
     if kind == "none":
         return nn.Identity()
-    if kind == "batchnorm":
-        return (nn.BatchNorm2d if conv else nn.BatchNorm1d)(dim, **factory)
-    if conv:
-        raise ValueError("layernorm between conv factors is not supported; use batchnorm or none")
-    return nn.LayerNorm(dim, **factory)
+    return (nn.BatchNorm2d if kind == "batchnorm" else nn.LayerNorm)(dim, **factory)
 
 
 def _act(kind: str) -> nn.Module:
@@ -101,11 +98,11 @@ def sparse_factorized(
         sparsity: s in (0, 1).
         conv_norm, conv_act: what sits between conv factors (``batchnorm``/``none``, ``relu``/
             ``gelu``/``none``).
-        linear_norm, linear_act: the same for Linear layers (``layernorm``/``batchnorm``/``none``).
+        linear_norm, linear_act: the same for Linear layers (``layernorm``/``none``).
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
     for value, valid, arg in (
-        (conv_norm, NORMS, "conv_norm"), (linear_norm, NORMS, "linear_norm"),
+        (conv_norm, CONV_NORMS, "conv_norm"), (linear_norm, LINEAR_NORMS, "linear_norm"),
         (conv_act, ACTS, "conv_act"), (linear_act, ACTS, "linear_act"),
     ):
         if value not in valid:
@@ -115,7 +112,7 @@ def sparse_factorized(
         hidden = factorized_hidden(*layer_dims(layer), sparsity)
         u, v = factor_pair(layer, hidden)
         factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-        norm = _norm(conv_norm if conv else linear_norm, hidden, conv, factory)
+        norm = _norm(conv_norm if conv else linear_norm, hidden, factory)
         mid = nn.Sequential(norm, _act(conv_act if conv else linear_act))
         replace_module(model, name, SparseFactorized(mark_sparse(u, sparsity), mid, mark_sparse(v, sparsity)))
     return model

@@ -19,7 +19,7 @@ from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
 from sift_lightning.transforms._registry import register
-from sift_lightning.transforms._surgery import candidate_layers, following_batchnorm, replace_module
+from sift_lightning.transforms._surgery import candidate_layers, following_batchnorm, keep_zero_init, replace_module
 
 __all__ = ["SparseParallel", "parallel_branches", "sparse_parallel"]
 
@@ -43,10 +43,24 @@ class SparseParallel(nn.Module):
         return out
 
 
+@torch.no_grad()
 def _fresh_copy(layer: nn.Module) -> nn.Module:
-    """A copy with its own fresh initialisation (same device and dtype)."""
+    """A copy with its own fresh draw of the original's initialisation (same device and dtype).
+
+    Weights are redrawn from a normal with the original weight's std, so a model with its own
+    init (the GPT's normal(0, 0.02), scaled residual projections) keeps its scale in every branch;
+    norms restart at weight 1 / bias 0, or 0 where the original was zero-initialised.
+    """
     new = copy.deepcopy(layer)
-    new.reset_parameters()
+    if isinstance(new, nn.modules.batchnorm._NormBase):
+        new.reset_parameters()
+        keep_zero_init(layer, new)
+    elif new.weight.is_meta:
+        new.reset_parameters()
+    else:
+        new.weight.normal_(0.0, float(layer.weight.float().std()))
+        if new.bias is not None:
+            new.bias.zero_()
     return new
 
 

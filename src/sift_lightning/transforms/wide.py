@@ -21,7 +21,7 @@ from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
 from sift_lightning.transforms._registry import register
-from sift_lightning.transforms._surgery import candidate_layers, replace_module
+from sift_lightning.transforms._surgery import assert_no_sparse_layers, candidate_layers, keep_zero_init, replace_module
 
 __all__ = ["sparse_wide", "wide_factor", "widened"]
 
@@ -37,48 +37,66 @@ def wide_factor(sparsity: float) -> float:
     return math.sqrt(1.0 / (1.0 - sparsity))
 
 
-def _check_widenable(model: nn.Module) -> None:
+def _check_widenable(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse, by name, what one width map cannot widen consistently."""
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
-            if isinstance(module, nn.Conv2d) and module.groups not in (1, module.in_channels):
-                raise ValueError(f"sparse_wide cannot widen grouped conv {name} (groups={module.groups}); supported: {SUPPORTED}")
-            continue
-        if any(True for _ in module.parameters(recurse=False)):
+        where = name or "(the model itself)"
+        if isinstance(module, nn.Conv2d):
+            plain = module.groups == 1 or module.groups == module.in_channels == module.out_channels
+            if not plain:
+                raise ValueError(f"sparse_wide cannot widen grouped conv {where} (groups={module.groups}); "
+                                 f"supported: {SUPPORTED}")
+        elif not isinstance(module, (nn.BatchNorm2d, nn.Linear)) and any(True for _ in module.parameters(recurse=False)):
             raise ValueError(
-                f"sparse_wide cannot widen {type(model).__name__}: layer {name} is a "
-                f"{type(module).__name__}; supported: {SUPPORTED}. Use sparse_parallel, "
-                "sparse_factorized or sparse_doped for other models"
+                f"sparse_wide cannot widen {type(model).__name__}: {where} is a {type(module).__name__}; "
+                f"supported: {SUPPORTED}. Use sparse_parallel, sparse_factorized or sparse_doped for other models"
             )
+    # a Linear fed by a flattened C x H x W map takes C*H*W inputs, which no width map can follow
+    widths = {m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for _, m in layers}
+    for name, m in layers[1:]:
+        if isinstance(m, nn.Linear) and m.in_features not in widths:
+            raise ValueError(
+                f"sparse_wide cannot widen {name}: its {m.in_features} inputs match no layer width (a flattened "
+                f"feature map?); pool to channels before the Linear, or use another Sparse-IFT member"
+            )
+
+
+def _factory(m: nn.Module) -> dict:
+    """The device/dtype of a module's first parameter or buffer (BN without affine has only buffers)."""
+    t = next(iter(m.parameters(recurse=False)), None)
+    if t is None:
+        t = next(iter(m.buffers(recurse=False)), None)
+    return {} if t is None else {"device": t.device, "dtype": t.dtype}
 
 
 def _widen_cnn(model: nn.Module, factor: float) -> nn.Module:
     """Rebuild every Conv2d/BatchNorm2d/Linear with each hidden width ``c`` -> ``floor(c * k)``.
 
     Widths map through one function of their value, so layers that agreed before agree after:
-    the stem keeps its input channels, the last Linear its outputs, everything between grows.
+    the first layer keeps its inputs, the last its outputs, everything between grows.
     """
-    _check_widenable(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    _check_widenable(model, layers)
     wide = copy.deepcopy(model)
-    layers = [(n, m) for n, m in wide.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     first, last = layers[0][0], layers[-1][0]
 
     def w(c: int) -> int:
         return max(1, int(c * factor + 1e-6))
 
     for name, m in list(wide.named_modules()):
-        factory = {"device": m.weight.device, "dtype": m.weight.dtype} if hasattr(m, "weight") and m.weight is not None else {}
+        factory = _factory(m)
         if isinstance(m, nn.Conv2d):
             c_in = m.in_channels if name == first else w(m.in_channels)
             groups = 1 if m.groups == 1 else c_in  # depthwise stays depthwise
             new = nn.Conv2d(c_in, w(m.out_channels), m.kernel_size, m.stride, m.padding, m.dilation,
                             groups, m.bias is not None, m.padding_mode, **factory)
         elif isinstance(m, nn.Linear):
-            out = m.out_features if name == last else w(m.out_features)
-            new = nn.Linear(w(m.in_features), out, m.bias is not None, **factory)
+            d_in = m.in_features if name == first else w(m.in_features)
+            d_out = m.out_features if name == last else w(m.out_features)
+            new = nn.Linear(d_in, d_out, m.bias is not None, **factory)
         elif isinstance(m, nn.BatchNorm2d):
             new = type(m)(w(m.num_features), m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
-            if m.affine and not m.weight.is_meta and not m.weight.any():  # keep a zero-init residual norm
-                nn.init.zeros_(new.weight)
+            keep_zero_init(m, new)
         else:
             continue
         replace_module(wide, name, new)
@@ -103,6 +121,7 @@ def sparse_wide(model: nn.Module, sparsity: float, **select) -> nn.Module:
         sparsity: s in (0, 1).
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
+    assert_no_sparse_layers(model)  # before widening: the copy would hide the owners
     wide = widened(model, wide_factor(sparsity))
     for _, layer in candidate_layers(wide, **select):
         mark_sparse(layer, sparsity)

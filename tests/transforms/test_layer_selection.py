@@ -1,0 +1,123 @@
+"""Which layers a member replaces: ends dense, depthwise dense, include/exclude, GPT, and no re-transform."""
+
+import pytest
+import torch
+from torch import nn
+
+from sift_lightning import sparse_targets, transform
+from sift_lightning.models.gpt import GPT, gpt_config
+from sift_lightning.transforms.parallel import parallel_branches
+from transform_models import (
+    MEMBERS,
+    RESNET18_LAYERS,
+    RESNET18_SPARSE,
+    USER_CNN_SPARSE,
+    expected_targets,
+    tiny_resnet,
+    user_cnn,
+)
+
+GPT_LAYERS = [f"blocks.{b}.{l}" for b in range(2) for l in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+
+
+@pytest.mark.parametrize("family", MEMBERS)
+def test_resnet_stem_and_classifier_stay_dense(family):
+    model = transform(tiny_resnet(), family, 0.5)
+    assert sparse_targets(model) == expected_targets(family, RESNET18_SPARSE, 0.5, conv_bn=True)
+    assert type(model.conv1) is nn.Conv2d and not hasattr(model.conv1, "sift_sparsity")
+    assert type(model.fc) is nn.Linear and not hasattr(model.fc, "sift_sparsity")
+
+
+@pytest.mark.parametrize("family", MEMBERS)
+def test_depthwise_conv_never_transformed(family):
+    model = transform(user_cnn(), family, 0.5)
+    conv_then_bn, conv_then_relu = USER_CNN_SPARSE
+    expected = expected_targets(family, [conv_then_bn], 0.5, conv_bn=True)
+    expected.update(expected_targets(family, [conv_then_relu], 0.5))
+    assert sparse_targets(model) == expected
+    dw = model[6]
+    assert type(dw) is nn.Conv2d and dw.groups == dw.in_channels == dw.out_channels
+    assert not hasattr(dw, "sift_sparsity")
+
+
+def test_depthwise_stays_dense_even_with_include_everything():
+    model = transform(user_cnn(), "sparse_factorized", 0.5, include=["*"], keep_ends_dense=False)
+    assert type(model[6]) is nn.Conv2d
+    assert {n.split(".")[0] for n in sparse_targets(model)} == {"0", "3", "7", "11"}
+
+
+@pytest.mark.parametrize("family", MEMBERS)
+def test_keep_ends_dense_false_transforms_stem_and_classifier(family):
+    model = transform(tiny_resnet(), family, 0.5, keep_ends_dense=False)
+    # the stem is followed by bn1, so it is conv_bn too; fc has no norm
+    expected = expected_targets(family, RESNET18_LAYERS[:-1], 0.5, conv_bn=True)
+    expected.update(expected_targets(family, ["fc"], 0.5))
+    assert sparse_targets(model) == expected
+
+
+def test_include_patterns():
+    model = transform(tiny_resnet(), "sparse_doped", 0.5, include=["layer1.*", "layer3.1.conv?"])
+    layers = sorted(n.removesuffix(".sparse.weight") for n in sparse_targets(model))
+    assert layers == [
+        "layer1.0.conv1", "layer1.0.conv2", "layer1.0.downsample.0", "layer1.1.conv1", "layer1.1.conv2",
+        "layer3.1.conv1", "layer3.1.conv2",
+    ]
+
+
+def test_include_does_not_override_kept_ends():
+    model = transform(tiny_resnet(), "sparse_doped", 0.5, include=["conv1", "layer1.0.conv1"])
+    assert list(sparse_targets(model)) == ["layer1.0.conv1.sparse.weight"]
+
+
+def test_exclude_patterns():
+    model = transform(tiny_resnet(), "sparse_factorized", 0.5, exclude=["layer4.*", "*downsample*"])
+    layers = {n.rsplit(".", 2)[0] for n in sparse_targets(model)}
+    assert layers == {n for n in RESNET18_SPARSE if not n.startswith("layer4") and "downsample" not in n}
+    assert type(model.layer4[0].conv1) is nn.Conv2d
+
+
+def test_selection_that_leaves_nothing_raises():
+    with pytest.raises(ValueError, match="no Conv2d/Linear layer left to make sparse"):
+        transform(tiny_resnet(), "sparse_parallel", 0.5, include=["nothing*"])
+    with pytest.raises(ValueError, match="no Conv2d/Linear layer left"):
+        transform(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "sparse_doped", 0.5)
+
+
+@pytest.mark.parametrize("family", MEMBERS)
+def test_gpt_blocks_sparse_embeddings_head_norms_dense(family):
+    model = transform(GPT(gpt_config("gpt_tiny")), family, 0.5)
+    assert sparse_targets(model) == expected_targets(family, GPT_LAYERS, 0.5)
+    assert type(model.lm_head) is nn.Linear and not hasattr(model.lm_head, "sift_sparsity")
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+            assert not hasattr(module, "sift_sparsity"), name
+    assert {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)} == {"wte", "wpe"}
+    logits = model(torch.zeros(2, 8, dtype=torch.long))
+    assert logits.shape == (2, 8, 256)
+
+
+def test_gpt_keep_ends_dense_false_transforms_lm_head():
+    model = transform(GPT(gpt_config("gpt_tiny")), "sparse_doped", 0.5, keep_ends_dense=False)
+    assert "lm_head.sparse.weight" in sparse_targets(model)
+
+
+def test_gpt_parallel_branch_count():
+    model = transform(GPT(gpt_config("gpt_tiny")), "sparse_parallel", 0.9)
+    assert len(model.blocks[0].mlp.fc.branches) == parallel_branches(0.9) == 10
+
+
+@pytest.mark.parametrize(
+"second", MEMBERS)
+@pytest.mark.parametrize("first", MEMBERS)
+def test_transforming_twice_raises(first, second):
+    model = transform(tiny_resnet(), first, 0.5)
+    with pytest.raises(ValueError, match="already has sparse layers"):
+        transform(model, second, 0.5)
+
+
+@pytest.mark.parametrize(
+"second", MEMBERS)
+def test_transforming_gpt_twice_raises(second):
+    model = transform(GPT(gpt_config("gpt_tiny")), "sparse_wide", 0.5)
+    with pytest.raises(ValueError, match="already has sparse layers"):
+        transform(model, second, 0.5)
