@@ -2,7 +2,9 @@
 
 Where each invariant is kept (DESIGN.md section 2):
 
-- ``setup`` (before optimizers exist): apply the member, distribute sparsity, create masks.
+- ``setup`` (before optimizers exist): apply the member, distribute sparsity, create masks; a
+  ``load_state_dict`` pre-hook checks that a resumed checkpoint's masks fit before Lightning
+  copies its tensors (the checkpoint is loaded after setup).
 - ``on_before_optimizer_step`` (after backward, DDP all-reduce, gradient accumulation and AMP
   unscale): on update steps read the full dense gradient for RigL, then zero the masked gradient.
 - an optimizer step post-hook (it does not fire when the AMP GradScaler skips a step, so a skipped
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
@@ -107,8 +110,8 @@ class SparsityCallback(pl.Callback):
         self.sparsity = check_sparsity(sparsity)
         if transform == "dense":
             raise ValueError(
-                "transform='dense' is the baseline: train without SparsityCallback; "
-                "transform=None trains the existing layers sparse"
+                "transform='dense' is the baseline: train without SparsityCallback; transform must be one of "
+                f"None (train the existing layers sparse), {', '.join(FAMILIES[1:])}"
             )
         _check_choice("transform", transform, (None, *FAMILIES[1:]))
         _check_choice("algorithm", algorithm, ALGORITHMS)
@@ -117,9 +120,9 @@ class SparsityCallback(pl.Callback):
         _check_choice("drop_schedule", drop_schedule, DROP_SCHEDULES)
         if isinstance(update_frequency, bool) or not isinstance(update_frequency, int) or update_frequency < 1:
             raise ValueError(f"update_frequency must be a positive integer (optimizer steps), got {update_frequency!r}")
-        if not 0.0 < drop_fraction <= 1.0:
+        if not _is_number(drop_fraction) or not 0.0 < drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in (0, 1], got {drop_fraction!r}")
-        if not 0.0 < end <= 1.0:
+        if not _is_number(end) or not 0.0 < end <= 1.0:
             raise ValueError(f"end must be a fraction of the run's steps in (0, 1], got {end!r}")
         self.transform = transform
         self.algorithm = algorithm
@@ -145,12 +148,14 @@ class SparsityCallback(pl.Callback):
         self._entries: list[_Entry] = []
         self._by_optimizer: dict[int, list[_Entry]] = {}
         self._pending: dict[str, torch.Tensor] | None = None  # RigL scores between the two hooks
+        self._load_hook: Any = None
         self._handles: list[Any] = []
         self._end_step = 0
         self._fwd: tuple[float, float] | None = None  # per-sample forward MACs (dense, sparse)
         self._recorder: LayerRecorder | None = None
         self._last_update: dict[str, float] = {}
         self._log_now = False
+        self._dense_grad_due = False
         self._step_samples = 0
 
     @property
@@ -163,8 +168,9 @@ class SparsityCallback(pl.Callback):
             return  # fit, then test on the same module: the structure is already there
         self._apply(pl_module)
         pl_module._sift_applied = True
-        if trainer.ckpt_path:
-            self._check_checkpoint(trainer.ckpt_path, pl_module)
+        # Lightning loads a resumed checkpoint after setup (trainer.ckpt_path is set only then):
+        # check it fits just before its tensors are copied, so a mismatch fails in one clear line
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(partial(self._before_load, trainer))
         # masks are identical on every rank by construction (and broadcast on updates), so DDP
         # need not re-broadcast them as buffers before every forward
         names = [n + MASK_SUFFIX for n, _ in self._named_sparse(pl_module)]
@@ -187,7 +193,7 @@ class SparsityCallback(pl.Callback):
 
         if isinstance(pl_module, SupportsTransform):
             pl_module.transform_backbone(fn)
-        elif fn(pl_module) is not pl_module:
+        elif self.transform == "sparse_wide" or fn(pl_module) is not pl_module:
             raise ValueError(
                 f"transform={self.transform!r} rebuilds the network; {type(pl_module).__name__} must implement "
                 "transform_backbone(fn) (see sift_lightning.SupportsTransform), or use ImageClassifier/LanguageModel"
@@ -212,22 +218,39 @@ class SparsityCallback(pl.Callback):
     def _named_sparse(pl_module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(full, p) for full, _, _, p in sparse_parameters(pl_module)]
 
+    def _before_load(self, trainer: pl.Trainer, pl_module: nn.Module, *args: Any) -> None:
+        self._remove_load_hook()
+        if trainer.ckpt_path:
+            self._check_checkpoint(trainer.ckpt_path, pl_module)
+
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_hook()
+
     def _check_checkpoint(self, path: str, pl_module: nn.Module) -> None:
         """Fail early, in one line, when a checkpoint's masks do not fit this model."""
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         theirs = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items() if k.endswith(MASK_SUFFIX)}
         ours = {n + MASK_SUFFIX: tuple(p.shape) for n, p in self._named_sparse(pl_module)}
-        if theirs == ours:
-            return
         saved = next((v.get("config") for k, v in ckpt.get("callbacks", {}).items()
                       if k.startswith("SparsityCallback") and isinstance(v, dict)), None)
+        # equal mask shapes are not enough: transform=None (or Doped's W_sparse) keeps every shape
+        # at any sparsity, so compare the settings that built the structure too
+        same_settings = saved is None or (saved["transform"], saved["sparsity"]) == (self.transform, self.sparsity)
+        if theirs == ours and same_settings:
+            return
         trained = (f"transform={saved['transform']!r}, sparsity={saved['sparsity']}" if saved
                    else "no SparsityCallback" if not theirs else "other settings")
-        diff = sorted(set(theirs.items()) ^ set(ours.items()))[0]
+        diff = sorted(set(theirs.items()) ^ set(ours.items()))
+        where = f" (first difference: mask {diff[0][0]} {diff[0][1]})" if diff else ""
         raise ValueError(
             f"checkpoint {path} does not fit this model: it was trained with {trained} but this run uses "
-            f"transform={self.transform!r}, sparsity={self.sparsity} (first difference: mask {diff[0]} "
-            f"{diff[1]}); resume with the checkpoint's SparsityCallback settings"
+            f"transform={self.transform!r}, sparsity={self.sparsity}{where}; resume with the checkpoint's "
+            "SparsityCallback settings"
         )
 
     # ---------------------------------------------------------------- fit: hooks on the hot path
@@ -308,9 +331,9 @@ class SparsityCallback(pl.Callback):
             self._ever_active[e.name] |= e.mask.cpu()
         self._last_update = {"sift/drop_fraction": fraction, "sift/mask_change": changed / max(active, 1)}
         self._log_now = True
-        if self.algorithm == "rigl" and self._fwd is not None:
-            # the dense gradient costs one dense weight-gradient pass beyond a sparse step
-            self.train_flops += 2 * (self._fwd[0] - self._fwd[1]) * self._step_samples
+        # counted in on_train_batch_end, where the per-sample MACs are known (also on the first
+        # step of a run or of a resumed run, before any batch has ended)
+        self._dense_grad_due = self.algorithm == "rigl"
 
     def _broadcast_masks(self) -> None:
         """Rank 0's masks everywhere: equal by construction, broadcast so they cannot drift."""
@@ -332,6 +355,7 @@ class SparsityCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._pending = None  # set when the GradScaler skipped this step's optimizer.step
         samples = extract_batch_size(batch) * trainer.world_size
         if self._recorder is not None:
             self._recorder.__exit__()
@@ -340,6 +364,10 @@ class SparsityCallback(pl.Callback):
             self._fwd = (sum(r.dense_macs for r in rows) / per, sum(r.sparse_macs for r in rows) / per)
         self._step_samples = samples * trainer.accumulate_grad_batches
         self.train_flops += 3 * 2 * self._fwd[1] * samples  # forward + backward ~= 3 forward passes
+        if self._dense_grad_due:
+            # the dense gradient costs one dense weight-gradient pass beyond a sparse step
+            self.train_flops += 2 * (self._fwd[0] - self._fwd[1]) * self._step_samples
+            self._dense_grad_due = False
         if self._log_now or trainer.global_step % trainer.log_every_n_steps == 0:
             self._log(trainer, pl_module)
 
@@ -378,6 +406,10 @@ class SparsityCallback(pl.Callback):
         self._generator.set_state(state_dict["generator"])
         self._ever_active = dict(state_dict["ever_active"])
         self.train_flops = state_dict["train_flops"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_choice(arg: str, value: Any, valid: Sequence[Any]) -> None:

@@ -134,3 +134,29 @@ def test_trainer_resumes_mid_epoch_with_the_next_batch(tmp_path):
     assert interrupted == uninterrupted
     resumed = fit(12, ckpt_path=str(next((tmp_path / "ckpt").glob("*step=5*"))))
     assert uninterrupted[:5] + resumed == uninterrupted and len(resumed) == 7
+
+
+@pytest.mark.parametrize("resume_at", [3, 6, 7, 12])  # mid epoch 0, its end, mid epoch 1, end of 1
+def test_trainer_resume_is_exact_across_epochs(tmp_path, resume_at):
+    """Epoch k's order depends only on (seed, k), so a resumed run reads every later epoch alike."""
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"verse {i} and words\n" for i in range(25)))  # 6 batches an epoch
+
+    def fit(steps, ckpt_path=None, callbacks=()):
+        dm = TextDataModule(dataset="files", files=[str(path)], root=str(tmp_path), block_size=16, batch_size=4,
+                            val_fraction=0.1)
+        model = TinyLM()
+        trainer = L.Trainer(
+            max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+            limit_val_batches=0, enable_model_summary=False, enable_checkpointing=bool(callbacks),
+            callbacks=list(callbacks),
+        )  # fmt: skip
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model.seen
+
+    uninterrupted = fit(14)
+    per_epoch = 6
+    assert uninterrupted[:per_epoch] != uninterrupted[per_epoch:2 * per_epoch]  # reshuffled each epoch
+    fit(14, callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=resume_at, save_top_k=-1)])
+    resumed = fit(14, ckpt_path=str(next((tmp_path / "ckpt").glob(f"*step={resume_at}.ckpt"))))
+    assert uninterrupted[:resume_at] + resumed == uninterrupted

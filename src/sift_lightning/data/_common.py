@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 __all__ = ["DataNotFoundError", "eval_loader", "split_indices", "train_loader"]
@@ -51,6 +51,50 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int
     return sorted(order[val_size:]), sorted(order[:val_size])
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with an order that is a pure function of ``(seed, pass)``, and resumes mid-pass.
+
+    Pass k (the k-th time the loader is iterated: epoch k) reads ``randperm`` seeded by
+    ``(seed, k)``. The pass number and the position inside it are this sampler's state, saved in
+    every checkpoint through the ``StatefulDataLoader``. The epoch Lightning passes to
+    ``set_epoch`` is not used: Lightning 2.6 builds the resumed iterator before calling it, and
+    after a checkpoint taken at the end of an epoch it replays that epoch empty and then reports
+    the next epoch one too high, either of which would shift the order of every later epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch = -1  # the pass being read; the first pass is 0
+        self._yielded = 0  # position in the current pass
+        self._restore: tuple[int, int] | None = None  # (pass, position) from load_state_dict
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the pass count is kept here (see the class docstring)."""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        # a generator: nothing below runs until the first item is asked for, so iterators that
+        # the loader builds and throws away do not count as passes
+        if self._restore is not None:
+            (self.epoch, skip), self._restore = self._restore, None
+        else:
+            self.epoch, skip = self.epoch + 1, 0
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        self._yielded = skip
+        for i in order[skip:]:
+            self._yielded += 1
+            yield i
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._restore = (state["epoch"], state["yielded"])
+
+
 def train_loader(
     dataset: Dataset, batch_size: int, num_workers: int, seed: int, drop_last: bool = False
 ) -> StatefulDataLoader:
@@ -59,13 +103,13 @@ def train_loader(
     ``StatefulDataLoader`` has ``state_dict``/``load_state_dict``; Lightning stores them in the
     checkpoint, so a resumed run continues with exactly the batch the interrupted run would have
     drawn next (a plain ``DataLoader`` restarts the epoch). The shuffle order comes from a
-    generator seeded with ``seed``: epoch k's order is the same on every run.
+    function of ``(seed, epoch)`` (``EpochShuffleSampler``): epoch k's order is the same on every run,
+    resumed or not. Under DDP Lightning swaps in its ``DistributedSampler`` (keyed by epoch too).
     """
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        sampler=EpochShuffleSampler(len(dataset), seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),

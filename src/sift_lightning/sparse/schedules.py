@@ -20,7 +20,8 @@ def drop_fraction_at(step: int, initial: float, end_step: int, schedule: str = "
     """The share of each layer's active weights to drop (and regrow) at ``step``.
 
     ``cosine``: ``initial * (1 + cos(pi t)) / 2`` with ``t = step / end_step`` (RigL's default);
-    ``exponential``: ``initial * exp(-5 t)``; ``constant``: ``initial``. Zero from ``end_step`` on.
+    ``exponential``: ``initial * exp(-5 t)``; ``constant``: ``initial``. Zero after ``end_step``
+    (cosine reaches 0 at ``end_step`` itself).
     """
     if schedule not in DROP_SCHEDULES:
         raise ValueError(f"drop_schedule must be one of {DROP_SCHEDULES}, got {schedule!r}")
