@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from sift_lightning.flops import LayerRecorder
+from sift_lightning.modules._restore import SIFT_CHECKPOINT_KEY
 from sift_lightning.sparse.distribution import DISTRIBUTIONS, distribute
 from sift_lightning.sparse.masks import MASK_INITS, MASK_SUFFIX, get_mask, init_masks, mark_sparse, sparse_parameters
 from sift_lightning.sparse.schedules import DROP_SCHEDULES, drop_fraction_at, is_update_step
@@ -391,6 +392,10 @@ class SparsityCallback(pl.Callback):
         self._last_update, self._log_now = {}, False
 
     # ---------------------------------------------------------------- checkpointed state
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # lets Module.load_from_checkpoint rebuild the structure outside a Trainer (SiftCheckpointMixin)
+        checkpoint[SIFT_CHECKPOINT_KEY] = {"callback": {name: getattr(self, name) for name in _INIT_ARGS}}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -406,6 +411,13 @@ class SparsityCallback(pl.Callback):
         self._generator.set_state(state_dict["generator"])
         self._ever_active = dict(state_dict["ever_active"])
         self.train_flops = state_dict["train_flops"]
+
+
+_INIT_ARGS = (
+    "sparsity", "transform", "algorithm", "distribution", "init", "update_frequency", "drop_fraction",
+    "drop_schedule", "end", "include", "exclude", "keep_ends_dense", "transform_options", "match_flops",
+    "sparse_init_scale", "seed", "log_per_layer",
+)
 
 
 def _is_number(value: Any) -> bool:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-__all__ = ["OptimConfig", "configure_optim"]
+__all__ = ["OptimConfig", "as_optim_config", "configure_optim"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -53,6 +53,15 @@ class OptimConfig:
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError(f"optim.lr must be > 0, weight_decay and warmup_steps >= 0; got lr={self.lr}, "
                              f"weight_decay={self.weight_decay}, warmup_steps={self.warmup_steps}")
+
+
+def as_optim_config(optim: OptimConfig | dict | None, default: OptimConfig | None = None) -> OptimConfig:
+    """An ``OptimConfig`` from itself, from a dict (as saved in checkpoints), or the default."""
+    if optim is None:
+        return default or OptimConfig()
+    if isinstance(optim, dict):
+        return OptimConfig(**optim)
+    return optim
 
 
 def _param_groups(module: nn.Module, cfg: OptimConfig) -> list[dict]:

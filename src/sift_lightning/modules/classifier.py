@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from sift_lightning.models.backbones import create_backbone
-from sift_lightning.modules._optim import OptimConfig, configure_optim
+from sift_lightning.modules._optim import OptimConfig, as_optim_config, configure_optim
 from sift_lightning.modules._restore import SiftCheckpointMixin
 
 __all__ = ["ImageClassifier"]
@@ -40,16 +41,17 @@ class ImageClassifier(SiftCheckpointMixin, pl.LightningModule):
         in_chans: int = 3,
         image_size: int = 32,
         label_smoothing: float = 0.0,
-        optim: OptimConfig | None = None,
+        optim: OptimConfig | dict | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=[] if isinstance(backbone, str) else ["backbone"])
+        self.optim = as_optim_config(optim)
+        self.save_hyperparameters(ignore=["optim"] if isinstance(backbone, str) else ["optim", "backbone"])
+        self.hparams["optim"] = asdict(self.optim)  # plain data: checkpoints load with weights_only
         if isinstance(backbone, str):
             backbone = create_backbone(backbone, num_classes, cifar_stem=cifar_stem, in_chans=in_chans,
                                        **(backbone_kwargs or {}))
         self.backbone = backbone
-        self.optim = optim or OptimConfig()
         self.label_smoothing = label_smoothing
         self.example_input_array = torch.zeros(1, in_chans, image_size, image_size)
         top5 = min(5, num_classes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,7 +14,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from sift_lightning.models.gpt import GPT, GPTConfig, gpt_config
-from sift_lightning.modules._optim import OptimConfig, configure_optim
+from sift_lightning.modules._optim import OptimConfig, as_optim_config, configure_optim
 from sift_lightning.modules._restore import SiftCheckpointMixin
 
 __all__ = ["LanguageModel"]
@@ -38,22 +39,26 @@ class LanguageModel(SiftCheckpointMixin, pl.LightningModule):
 
     def __init__(
         self,
-        model: str | GPTConfig = "gpt_tiny",
+        model: str | GPTConfig | dict = "gpt_tiny",
         vocab_size: int | None = None,
         block_size: int | None = None,
         dropout: float | None = None,
-        optim: OptimConfig | None = None,
+        optim: OptimConfig | dict | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.optim = as_optim_config(optim, default=_gpt3_optim())
+        self.save_hyperparameters(ignore=["optim"])
+        # plain data in checkpoints, so they load with weights_only
+        self.hparams["optim"] = asdict(self.optim)
+        if isinstance(model, GPTConfig):
+            self.hparams["model"] = asdict(model)
         overrides = {k: v for k, v in dict(vocab_size=vocab_size, block_size=block_size, dropout=dropout).items()
                      if v is not None}
         if isinstance(model, str):
             config = gpt_config(model, **overrides)
         else:
-            config = GPTConfig(**{**model.__dict__, **overrides})
+            config = GPTConfig(**{**(model if isinstance(model, dict) else asdict(model)), **overrides})
         self.backbone = GPT(config)
-        self.optim = optim or _gpt3_optim()
         self.example_input_array = torch.zeros(1, config.block_size, dtype=torch.long)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()

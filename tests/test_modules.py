@@ -1,0 +1,118 @@
+"""The LightningModules train with every member, rebuild themselves from a checkpoint, and follow
+the paper's optimizer recipes."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from sift_lightning import FAMILIES, ImageClassifier, LanguageModel, OptimConfig, SparsityCallback, sparse_targets
+from sift_lightning.modules._optim import _lr_factor
+
+TINY_RESNET = {"channels": (8, 16, 32, 64)}
+
+
+def _classifier() -> ImageClassifier:
+    return ImageClassifier("resnet18", 10, in_chans=1, image_size=16, backbone_kwargs=TINY_RESNET,
+                           optim=OptimConfig(lr=0.05, schedule="cosine", warmup_steps=1))
+
+
+def _image_data(n: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)),
+                      batch_size=8)
+
+
+def _text_data(n: int = 16, block: int = 64) -> DataLoader:
+    x = torch.randint(0, 256, (n, block + 1), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=8)
+
+
+def _fit(module: pl.LightningModule, data: DataLoader, callbacks: list, tmp_path, steps: int = 3) -> pl.Trainer:
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
+                         default_root_dir=tmp_path, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, data, data)
+    return trainer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_trains_with_every_member(family, tmp_path):
+    module = _classifier()
+    callbacks = [] if family == "dense" else [SparsityCallback(0.5, transform=family, update_frequency=1)]
+    trainer = _fit(module, _image_data(), callbacks, tmp_path)
+    assert math.isfinite(trainer.callback_metrics["train/loss"])
+    assert {"val/loss", "val/acc1", "val/acc5"} <= set(trainer.callback_metrics)
+    assert (len(sparse_targets(module)) > 0) == (family != "dense")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_language_model_trains_with_every_member(family, tmp_path):
+    module = LanguageModel("gpt_tiny", optim=OptimConfig(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=1))
+    callbacks = [] if family == "dense" else [SparsityCallback(0.5, transform=family, update_frequency=1)]
+    trainer = _fit(module, _text_data(), callbacks, tmp_path)
+    loss = float(trainer.callback_metrics["val/loss"])
+    assert float(trainer.callback_metrics["val/ppl"]) == pytest.approx(math.exp(loss), rel=1e-5)
+    if family == "sparse_wide":
+        assert module.backbone.config.d_model == 92  # 64 * sqrt(2) = 90.5 -> 4 heads * round(22.63) = 92
+
+
+@pytest.mark.parametrize(("make", "data"), [(_classifier, _image_data), (lambda: LanguageModel("gpt_tiny"), _text_data)])
+def test_load_from_checkpoint_rebuilds_the_sparse_structure(make, data, tmp_path):
+    module = make()
+    trainer = _fit(module, data(), [SparsityCallback(0.75, transform="sparse_parallel", update_frequency=1)], tmp_path)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = type(module).load_from_checkpoint(path)
+    assert sparse_targets(loaded) == sparse_targets(module)
+    for (name, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = next(iter(data()))[0]
+    module.eval(), loaded.eval()
+    assert torch.equal(module(x), loaded(x))
+
+
+def test_classifier_accepts_a_module_backbone(tmp_path):
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10))
+    module = ImageClassifier(net, 10, in_chans=1, image_size=16)
+    _fit(module, _image_data(), [SparsityCallback(0.5, algorithm="set", update_frequency=1)], tmp_path)
+    assert list(sparse_targets(module)) == ["backbone.2.weight"]  # first and last layer stay dense
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings(tmp_path):
+    module = LanguageModel("gpt_tiny")  # GPT-3 recipe: decay_norm_and_bias=False
+    _fit(module, _text_data(), [], tmp_path, steps=1)
+    decay, no_decay = module.trainer.optimizers[0].param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert all(n.endswith("bias") or ".ln" in n or "wte" in n or "wpe" in n for n in map(names.get, map(id, no_decay["params"])))
+    assert sorted(names[id(p)].rsplit(".", 2)[-2] for p in decay["params"])[:2] == ["fc", "fc"]
+
+
+def test_lr_schedules():
+    step = OptimConfig(schedule="multistep", milestones=[60, 120, 160], gamma=0.2)
+    per_epoch = 391.0  # CIFAR at batch 128
+    assert _lr_factor(int(59.9 * per_epoch), step, 200 * 391, per_epoch) == 1.0
+    assert _lr_factor(60 * 391, step, 200 * 391, per_epoch) == pytest.approx(0.2)
+    assert _lr_factor(170 * 391, step, 200 * 391, per_epoch) == pytest.approx(0.2 ** 3)
+    cos = OptimConfig(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert _lr_factor(0, cos, 110, 1.0) == pytest.approx(0.1)  # warmup from 1/10
+    assert _lr_factor(10, cos, 110, 1.0) == pytest.approx(1.0)
+    assert _lr_factor(60, cos, 110, 1.0) == pytest.approx(0.55)
+    assert _lr_factor(110, cos, 110, 1.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "adam"}, "optim.name must be one of sgd, adamw; got 'adam'"),
+    ({"schedule": "step"}, "optim.schedule must be one of multistep, cosine, constant; got 'step'"),
+    ({"lr": 0.0}, "optim.lr must be > 0"),
+])
+def test_optim_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        OptimConfig(**kwargs)
