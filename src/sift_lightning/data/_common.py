@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -127,3 +128,25 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoad
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Base of our data modules: ``setup`` fills ``train_set``/``val_set``/``test_set``; the loaders
+    are built here, the train one stateful (see ``train_loader``)."""
+
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+    drop_last_train = False
+    batch_size: int
+    num_workers: int
+    seed: int
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed, self.drop_last_train)
+
+    def val_dataloader(self) -> DataLoader:
+        return eval_loader(self.val_set, self.batch_size, self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return eval_loader(self.test_set, self.batch_size, self.num_workers)

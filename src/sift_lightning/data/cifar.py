@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Subset
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import v2
 
-from ._common import DataNotFoundError, abspath, eval_loader, split_indices, train_loader
+from ._common import DataNotFoundError, SplitDataModule, abspath, split_indices
 
 __all__ = ["CIFARDataModule"]
 
@@ -22,7 +20,7 @@ STATS = {
 DATASETS = {10: datasets.CIFAR10, 100: datasets.CIFAR100}
 
 
-class CIFARDataModule(L.LightningDataModule):
+class CIFARDataModule(SplitDataModule):
     """CIFAR-10 or CIFAR-100: 50k train / 10k test colour 32x32 images.
 
     Reads torchvision's on-disk layout (``root/cifar-100-python/{train,test,meta}`` or
@@ -106,11 +104,3 @@ class CIFARDataModule(L.LightningDataModule):
         self.train_set = Subset(train, train_idx)
         self.val_set = Subset(self._dataset(train=True, transform=self._transform(train=False)), val_idx)
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.test_set, self.batch_size, self.num_workers)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
-from ._common import DataNotFoundError, abspath, eval_loader, split_indices, train_loader
+from ._common import DataNotFoundError, SplitDataModule, abspath, split_indices
 
 __all__ = ["FASHION_MNIST_CLASSES", "FashionMNISTDataModule", "read_idx"]
 
@@ -80,7 +78,7 @@ class _Images(Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST: 60k train / 10k test grey 28x28 images of 10 clothing classes.
 
     Files are searched in ``root``, ``root/FashionMNIST/raw`` (torchvision's layout) and then
@@ -191,11 +189,3 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.train_set = Subset(_Images(x, y, self._transform(train=True)), train_idx)
         self.val_set = Subset(_Images(x, y, self._transform(train=False)), val_idx)
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.test_set, self.batch_size, self.num_workers)

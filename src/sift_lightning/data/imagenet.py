@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from ._common import DataNotFoundError, abspath, eval_loader, train_loader
+from ._common import DataNotFoundError, SplitDataModule, abspath
 
 __all__ = ["ImageNetDataModule"]
 
@@ -22,7 +19,7 @@ def _has_class_dirs(folder: Path) -> bool:
     return folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageNet from ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``.
 
     The official validation archive is flat; sort it into one folder per class first (for
@@ -38,6 +35,8 @@ class ImageNetDataModule(L.LightningDataModule):
         val_resize: Shorter side that validation images are resized to before the centre crop.
         seed: Seeds the shuffle order.
     """
+
+    drop_last_train = True  # a last batch of a few images would give BatchNorm noisy statistics
 
     in_chans = 3
 
@@ -86,13 +85,5 @@ class ImageNetDataModule(L.LightningDataModule):
         if self.train_set.classes != self.val_set.classes:
             raise ValueError(f"ImageNet train/ and val/ under {root} hold different class folders")
         self.num_classes = len(self.train_set.classes)
+        self.test_set = self.val_set  # ImageNet's labelled evaluation set is its validation set
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        # drop_last: a last batch of a few images would give BatchNorm noisy statistics.
-        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, self.batch_size, self.num_workers)

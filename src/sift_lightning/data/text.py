@@ -11,13 +11,11 @@ import hashlib
 import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import Dataset
 
-from ._common import DataNotFoundError, abspath, eval_loader, train_loader
+from ._common import DataNotFoundError, SplitDataModule, abspath
 from .kjv import kjv_source, read_kjv
 from .tokenizers import get_tokenizer
 
@@ -75,7 +73,7 @@ def _carve(text: str, fraction: float) -> dict[str, str]:
     return {"train": text[:val_start], "val": text[val_start:test_start], "test": text[test_start:]}
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Token windows from WikiText-103, the King James Bible or your own text files.
 
     Splits: WikiText-103 has its own train/valid/test files. ``kjv`` and ``files`` are cut by
@@ -219,12 +217,5 @@ class TextDataModule(L.LightningDataModule):
                     f"the {split} split has {windows.num_tokens} tokens, too few for one window of "
                     f"block_size + 1 = {self.block_size + 1}; lower block_size or raise val_fraction"
                 )
+        self.train_set, self.val_set, self.test_set = (self.splits[k] for k in ("train", "val", "test"))
 
-    def train_dataloader(self) -> StatefulDataLoader:
-        return train_loader(self.splits["train"], self.batch_size, self.num_workers, self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.splits["val"], self.batch_size, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.splits["test"], self.batch_size, self.num_workers)
