@@ -46,6 +46,16 @@ def test_quickstart_runs_and_logs_sparsity(tmp_path, monkeypatch):
     tags = set(events.Tags()["scalars"])
     assert {"sift/density", "sift/flops_per_sample_sparse", "train/loss_step", "val/acc1"} <= tags
 
+    # train sparse, ship dense: the Sparse Parallel checkpoint folds into the plain timm ResNet
+    out = _sift_fit("export", "--ckpt_path", str(version / "checkpoints" / "last.ckpt"), "--out", "shipped.pt",
+                    cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("sparse_parallel s=0.5 folded -> shipped.pt")
+    from sift_lightning import create_backbone
+
+    plain = create_backbone("resnet18", 10, cifar_stem=True, in_chans=1, channels=[16, 32, 64, 128])
+    plain.load_state_dict(torch.load(tmp_path / "shipped.pt", map_location="cpu"), strict=True)
+
 
 @needs_fmnist
 def test_quickstart_under_ddp_two_cpu_processes(tmp_path):
@@ -73,6 +83,13 @@ def test_missing_data_is_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("sift-fit: error: CIFAR-100 not found under ")
+    assert "Traceback" not in out.stderr
+
+
+def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
+    out = _sift_fit("export", "--ckpt_path", "nowhere.ckpt", "--out", "x.pt", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("sift-fit: error: ")
     assert "Traceback" not in out.stderr
 
 

@@ -1,6 +1,7 @@
 """sift_lightning: Sparse Iso-FLOP Transformations (Sparse-IFT) for PyTorch Lightning."""
 
 from sift_lightning.callback import SparsityCallback, SupportsTransform
+from sift_lightning.export import dense_state_dict, export_checkpoint, fold, sparse_export
 from sift_lightning.flops import FlopReport, count_flops
 from sift_lightning.models.backbones import create_backbone
 from sift_lightning.models.gpt import GPT, GPTConfig, gpt_config
@@ -21,8 +22,12 @@ __all__ = [
     "SupportsTransform",
     "count_flops",
     "create_backbone",
+    "dense_state_dict",
+    "export_checkpoint",
+    "fold",
     "gpt_config",
     "mark_sparse",
+    "sparse_export",
     "sparse_targets",
     "transform",
 ]

@@ -2,6 +2,7 @@
 
     sift-fit fit --config configs/resnet18_sparse_par.yaml
     sift-fit fit --config configs/resnet18_dense.yaml --sift.transform sparse_wide --sift.sparsity 0.9
+    sift-fit export --ckpt_path runs/.../last.ckpt --out model.pt   # fold Parallel/Doped to dense
 
 ``--sift.*`` are ``SparsityCallback``'s arguments; ``--sift.transform dense`` (the default) trains
 without it, ``none`` trains the existing layers sparse. Seed, checkpoints (last + best ``val/loss``),
@@ -52,7 +53,13 @@ def _trainer_defaults() -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``sift-fit``; our errors print as one line (``SIFT_DEBUG=1`` for tracebacks)."""
+    argv = list(sys.argv[1:] if args is None else args)
     try:
+        if argv[:1] == ["export"]:  # sift-fit export --ckpt_path X --out Y.pt: fold and ship
+            from sift_lightning.export import export_main
+
+            export_main(argv[1:])
+            return
         SiftCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,

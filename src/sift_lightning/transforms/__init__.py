@@ -81,6 +81,7 @@ def transform(
         raise ValueError("match_flops=True needs example_input (e.g. torch.zeros(1, 3, 32, 32))")
     budget = count_dense(model, example_input) if match_flops else None
     out = member(model, sparsity, include=include, exclude=exclude, keep_ends_dense=keep_ends_dense, **options)
+    out.sift_family = family  # fold() must tell Sparse Wide apart from plain sparse layers
     if budget is not None:
         match_flop_budget(out, example_input, budget)
     return out
