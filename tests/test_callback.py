@@ -57,6 +57,8 @@ def _optimizer(params: Any, name: str) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=1e-2, weight_decay=1e-2)
     if name == "adamw":  # decoupled weight decay, and amsgrad's extra state tensor
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True)
+    if name == "adagrad":  # not zero-preserving: its accumulator starts non-zero, so it is re-masked
+        return torch.optim.Adagrad(params, lr=1e-2, initial_accumulator_value=0.1, weight_decay=1e-2)
     return torch.optim.SGD(params, lr=0.1)
 
 
@@ -239,7 +241,7 @@ def _fit(
 
 
 # ---------------------------------------------------------------- invariants 1 and 2
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adagrad"])
 @pytest.mark.parametrize("algorithm", ["static", "set", "rigl"])
 def test_masked_weights_and_state_stay_zero(algorithm, optimizer):
     torch.manual_seed(0)

@@ -9,7 +9,9 @@ Where each invariant is kept (DESIGN.md section 2):
   unscale): on update steps read the full dense gradient for RigL, then zero the masked gradient.
 - an optimizer step post-hook (it does not fire when the AMP GradScaler skips a step, so a skipped
   step never updates masks): count the step, drop-and-grow on update steps, re-apply masks to the
-  weights and to every optimizer-state tensor shaped like the weight.
+  weights and to every optimizer-state tensor shaped like the weight -- after each update, and
+  after every step for optimizers not known to keep zeros at zero (SGD and the Adam family are:
+  with masked gradients their masked weights and state stay exactly 0, which the tests check).
 - ``state_dict``: step, random generator, ever-active masks, FLOP counter; masks themselves are
   buffers in the model's ``state_dict``.
 """
@@ -298,10 +300,15 @@ class SparsityCallback(pl.Callback):
         entries = self._by_optimizer[id(optimizer)]
         if entries is next(iter(self._by_optimizer.values())):
             self.step += 1
-        if self.algorithm != "static" and is_update_step(self.step, self.update_frequency, self._end_step):
+        updated = self.algorithm != "static" and is_update_step(self.step, self.update_frequency, self._end_step)
+        if updated:
             self._update(optimizer, entries)
         self._pending = None
-        self._mask_tensors(optimizer, entries)
+        # With masked gradients, these optimizers leave a zero weight with zero state exactly zero
+        # (momentum, Adam moments, L2 and decoupled decay all scale zeros), so a plain step needs
+        # no re-masking; any other optimizer, and every mask update, re-masks weights and state.
+        if updated or not isinstance(optimizer, _ZERO_PRESERVING):
+            self._mask_tensors(optimizer, entries)
 
     @torch.no_grad()
     def _mask_tensors(self, optimizer: torch.optim.Optimizer, entries: list[_Entry]) -> None:
@@ -412,6 +419,10 @@ class SparsityCallback(pl.Callback):
         self._ever_active = dict(state_dict["ever_active"])
         self.train_flops = state_dict["train_flops"]
 
+
+# optimizers whose step maps (weight 0, state 0, gradient 0) to exactly (0, 0)
+_ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+                    torch.optim.Adamax)
 
 _INIT_ARGS = (
     "sparsity", "transform", "algorithm", "distribution", "init", "update_frequency", "drop_fraction",
