@@ -77,6 +77,14 @@ def test_quickstart_gpt_runs(tmp_path, monkeypatch):
     assert "val/ppl" in str(ckpt["callbacks"]) or ckpt["global_step"] == 4
 
 
+def test_quickstart_gpt_under_ddp_two_cpu_processes(tmp_path):
+    out = _sift_fit("fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), "--config",
+                    str(CONFIGS / "strategies" / "cpu_ddp.yaml"), *FAST, "--data.init_args.batch_size", "8",
+                    "--data.init_args.root", str(tmp_path / "data"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in out.stdout + out.stderr
+
+
 def test_missing_data_is_one_line(tmp_path):
     out = _sift_fit("fit", "--config", str(CONFIGS / "resnet18_dense.yaml"), "--data.init_args.root", str(tmp_path / "nowhere"),
                     "--data.init_args.download", "false", "--trainer.accelerator", "cpu", cwd=tmp_path)
