@@ -10,6 +10,8 @@ from sift_lightning import count_flops, mark_sparse, sparse_targets, transform
 from sift_lightning.sparse.distribution import distribute
 from sift_lightning.sparse.masks import (
     SparseOwner,
+    keep_bits,
+    zero_masked_,
     apply_masks,
     get_mask,
     init_masks,
@@ -257,3 +259,21 @@ def test_unknown_distribution():
 def test_distribute_rejects_bad_sparsity(distribution, s):
     with pytest.raises(ValueError, match="sparsity"):
         distribute(SHAPES, s, distribution)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_zero_masked_is_exact_and_nan_safe(dtype):
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    t = torch.tensor([[1.5, float("nan"), -2.0], [float("inf"), 3.0, -0.5]], dtype=dtype)
+    bits = keep_bits(mask, dtype)
+    assert bits.element_size() == t.element_size()
+    zero_masked_(t, bits)
+    expected = torch.tensor([[1.5, 0.0, -2.0], [0.0, 3.0, 0.0]], dtype=dtype)
+    assert torch.equal(t, expected) and not torch.signbit(t[~mask]).any()
+
+
+def test_zero_masked_falls_back_for_other_widths():
+    mask = torch.tensor([True, False])
+    state = torch.tensor([1.0, float("nan")], dtype=torch.float32)
+    zero_masked_(state, keep_bits(mask, torch.bfloat16))  # fp32 state beside bf16 weights
+    assert torch.equal(state, torch.tensor([1.0, 0.0]))

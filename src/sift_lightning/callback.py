@@ -33,7 +33,9 @@ from torch import nn
 from sift_lightning.flops import LayerRecorder
 from sift_lightning.modules._restore import SIFT_CHECKPOINT_KEY
 from sift_lightning.sparse.distribution import DISTRIBUTIONS, distribute
-from sift_lightning.sparse.masks import MASK_INITS, MASK_SUFFIX, get_mask, init_masks, mark_sparse, sparse_parameters
+from sift_lightning.sparse.masks import (
+    MASK_INITS, MASK_SUFFIX, get_mask, init_masks, keep_bits, mark_sparse, sparse_parameters, zero_masked_,
+)
 from sift_lightning.sparse.schedules import DROP_SCHEDULES, drop_fraction_at, is_update_step
 from sift_lightning.sparse.updaters import ALGORITHMS, drop_and_grow, grow_scores
 from sift_lightning.transforms import FAMILIES, check_sparsity, transform
@@ -60,7 +62,7 @@ class _Entry:
     name: str
     param: nn.Parameter
     mask: torch.Tensor  # the buffer itself, updated in place
-    dead: torch.Tensor  # ~mask, cached between updates
+    keep: torch.Tensor  # the mask as all-ones/all-zeros integer words (``keep_bits``), cached between updates
 
 
 class SparsityCallback(pl.Callback):
@@ -265,7 +267,7 @@ class SparsityCallback(pl.Callback):
         self._entries = []
         for full, owner, local, param in sparse_parameters(pl_module):
             mask = get_mask(owner, local)
-            self._entries.append(_Entry(full, param, mask, ~mask))
+            self._entries.append(_Entry(full, param, mask, keep_bits(mask, param.dtype)))
             self._ever_active.setdefault(full, mask.detach().cpu().clone())
         self._broadcast_masks()
         owned = {id(e.param): e for e in self._entries}
@@ -294,7 +296,7 @@ class SparsityCallback(pl.Callback):
             self._pending = {e.name: e.param.grad.abs() for e in entries if e.param.grad is not None}
         for e in entries:
             if e.param.grad is not None:
-                e.param.grad.masked_fill_(e.dead, 0.0)  # NaN-safe, unlike multiplying by the mask
+                zero_masked_(e.param.grad, e.keep)  # NaN-safe, unlike multiplying by the mask
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         entries = self._by_optimizer[id(optimizer)]
@@ -314,28 +316,30 @@ class SparsityCallback(pl.Callback):
     def _mask_tensors(self, optimizer: torch.optim.Optimizer, entries: list[_Entry]) -> None:
         """Zero masked weights and every optimizer-state tensor shaped like them."""
         for e in entries:
-            e.param.masked_fill_(e.dead, 0.0)
+            zero_masked_(e.param, e.keep)
             for value in optimizer.state.get(e.param, {}).values():
                 if torch.is_tensor(value) and value.shape == e.param.shape:
-                    value.masked_fill_(e.dead, 0.0)
+                    zero_masked_(value, e.keep)
 
     @torch.no_grad()
     def _update(self, optimizer: torch.optim.Optimizer, entries: list[_Entry]) -> None:
         fraction = drop_fraction_at(self.step, self.drop_fraction, self._end_step, self.drop_schedule)
         changed = active = 0
+        old = []
         for e in entries:
             scores = grow_scores(self.algorithm, e.param, (self._pending or {}).get(e.name), self._generator)
             new, k = drop_and_grow(e.mask, e.param, scores, fraction)
+            old.append(e.mask.clone())
             e.mask.copy_(new)
             changed, active = changed + 2 * k, active + int(new.sum())
         self._broadcast_masks()
-        for e in entries:
-            grown = e.mask & e.dead  # inactive before, active now: start at 0 with empty state
+        for e, before in zip(entries, old):
+            grown = e.mask & ~before  # inactive before, active now: start at 0 with empty state
             e.param.masked_fill_(grown, 0.0)
             for value in optimizer.state.get(e.param, {}).values():
                 if torch.is_tensor(value) and value.shape == e.param.shape:
                     value.masked_fill_(grown, 0.0)
-            e.dead = ~e.mask
+            e.keep = keep_bits(e.mask, e.param.dtype)
             self._ever_active[e.name] |= e.mask.cpu()
         self._last_update = {"sift/drop_fraction": fraction, "sift/mask_change": changed / max(active, 1)}
         self._log_now = True

@@ -21,11 +21,13 @@ __all__ = [
     "apply_masks",
     "get_mask",
     "init_masks",
+    "keep_bits",
     "mark_sparse",
     "sparse_modules",
     "sparse_parameters",
     "sparse_targets",
     "set_mask",
+    "zero_masked_",
 ]
 
 MASK_SUFFIX = "_mask"
@@ -133,6 +135,27 @@ def init_masks(model: nn.Module, init: str = "random", generator: torch.Generato
         mask[idx] = True
         set_mask(owner, local, mask.view(param.shape))
     apply_masks(model)
+
+
+_WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def keep_bits(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as integer words of ``dtype``'s width: all bits set where active, 0 where masked.
+
+    ``t.view(int).bitwise_and_(bits)`` zeroes masked entries exactly (a masked NaN becomes +0.0)
+    and, on CPU, 35-57x faster than ``masked_fill_`` with a boolean mask (bench/overhead.py).
+    """
+    return mask.to(_WORDS[torch.empty((), dtype=dtype).element_size()]).neg_()
+
+
+def zero_masked_(t: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Zero the entries of ``t`` where ``bits`` (from ``keep_bits``) is 0, in place."""
+    if t.element_size() == bits.element_size() and t.is_floating_point():
+        t.view(bits.dtype).bitwise_and_(bits)
+    else:  # a tensor of another width (an optimizer state kept in float32 beside bf16 weights)
+        t.masked_fill_(bits == 0, 0)
+    return t
 
 
 @torch.no_grad()
