@@ -10,6 +10,7 @@ step and its hooks, and Lightning's own per-batch work.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -256,3 +257,17 @@ def fit(module: pl.LightningModule, loader: DataLoader, callbacks: list[pl.Callb
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=loader)
+
+
+def bench_parser(doc: str, result_file: Any, root: Any, quick_help: str) -> argparse.ArgumentParser:
+    """The command line every benchmark shares: --quick/--smoke, --threads, --write [PATH]."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_const", dest="mode", const="quick", help=quick_help)
+    group.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds; checks it runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per fit (default 2: the machine's cores)")
+    parser.add_argument("--write", nargs="?", const=str(result_file), default=None, metavar="PATH",
+                        help=f"write the markdown report (default {result_file.relative_to(root)})")
+    parser.set_defaults(mode="full")
+    return parser
+

@@ -24,7 +24,6 @@ The last line reads ``member cost vs dense (s=0.5/0.75/0.9) sparse_wide=a/b/c sp
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
+    bench_parser,
     CpuLoad,
     StepTimer,
     cifar_resnet18_w16,
@@ -168,15 +168,9 @@ def last_line(summary: dict[str, Any], sparsities: tuple[float, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_const", dest="mode", const="quick", help="one short repetition")
-    group.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds; checks it runs")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the machine's cores)")
-    parser.add_argument("--write", nargs="?", const=str(RESULT_FILE), default=None, metavar="PATH",
-                        help=f"write the markdown report (default {RESULT_FILE.relative_to(ROOT)})")
+    parser = bench_parser(__doc__, RESULT_FILE, ROOT, "one short repetition")
     args = parser.parse_args(argv)
-    mode = args.mode or "full"
+    mode = args.mode
     quiet()
     torch.set_num_threads(args.threads)
     load = CpuLoad()

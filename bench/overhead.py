@@ -45,7 +45,6 @@ the larger of the two.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import math
@@ -60,6 +59,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
+    bench_parser,
     CpuLoad,
     StepTimer,
     cifar_resnet18_w16,
@@ -368,15 +368,9 @@ def report(summary: dict[str, dict[str, float]], mode: str, threads: int, load: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_const", dest="mode", const="quick", help="under a minute")
-    group.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="seconds; checks it runs")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per fit (default 2: the machine's cores)")
-    parser.add_argument("--write", nargs="?", const=str(RESULT_FILE), default=None, metavar="PATH",
-                        help=f"write the markdown report (default {RESULT_FILE.relative_to(ROOT)})")
+    parser = bench_parser(__doc__, RESULT_FILE, ROOT, "under a minute")
     args = parser.parse_args(argv)
-    mode = args.mode or "full"
+    mode = args.mode
     quiet()
     load = CpuLoad()
     raw = measure(mode, args.threads)
