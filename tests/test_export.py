@@ -32,14 +32,6 @@ from sift_lightning.transforms.parallel import SparseParallel
 FOLDABLE = [("sparse_parallel", {}), ("sparse_parallel", {"branch_norm": False}), ("sparse_doped", {})]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest output."""

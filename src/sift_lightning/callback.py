@@ -241,8 +241,7 @@ class SparsityCallback(pl.Callback):
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         theirs = {k: tuple(v.shape) for k, v in ckpt.get("state_dict", {}).items() if k.endswith(MASK_SUFFIX)}
         ours = {n + MASK_SUFFIX: tuple(p.shape) for n, p in self._named_sparse(pl_module)}
-        saved = next((v.get("config") for k, v in ckpt.get("callbacks", {}).items()
-                      if k.startswith("SparsityCallback") and isinstance(v, dict)), None)
+        saved = ckpt.get(SIFT_CHECKPOINT_KEY, {}).get("callback")  # written by on_save_checkpoint
         # equal mask shapes are not enough: transform=None (or Doped's W_sparse) keeps every shape
         # at any sparsity, so compare the settings that built the structure too
         same_settings = saved is None or (saved["transform"], saved["sparsity"]) == (self.transform, self.sparsity)
@@ -368,12 +367,12 @@ class SparsityCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._pending = None  # set when the GradScaler skipped this step's optimizer.step
-        samples = extract_batch_size(batch) * trainer.world_size
+        per_rank = extract_batch_size(batch)
+        samples = per_rank * trainer.world_size
         if self._recorder is not None:
             self._recorder.__exit__()
             rows, self._recorder = self._recorder.rows, None
-            per = extract_batch_size(batch)
-            self._fwd = (sum(r.dense_macs for r in rows) / per, sum(r.sparse_macs for r in rows) / per)
+            self._fwd = (sum(r.dense_macs for r in rows) / per_rank, sum(r.sparse_macs for r in rows) / per_rank)
         self._step_samples = samples * trainer.accumulate_grad_batches
         self.train_flops += 3 * 2 * self._fwd[1] * samples  # forward + backward ~= 3 forward passes
         if self._dense_grad_due:
@@ -384,8 +383,9 @@ class SparsityCallback(pl.Callback):
             self._log(trainer, pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = [int(e.mask.sum()) for e in self._entries]
         total = sum(e.mask.numel() for e in self._entries)
-        active = sum(int(e.mask.sum()) for e in self._entries)
+        active = sum(counts)
         ever = sum(int(t.sum()) for t in self._ever_active.values())
         metrics = {
             "sift/density": active / max(total, 1),
@@ -396,8 +396,8 @@ class SparsityCallback(pl.Callback):
             **self._last_update,
         }
         if self.log_per_layer:
-            for e in self._entries:
-                metrics[f"sift_density/{e.name}"] = int(e.mask.sum()) / e.mask.numel()
+            for e, n in zip(self._entries, counts):
+                metrics[f"sift_density/{e.name}"] = n / e.mask.numel()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self._last_update, self._log_now = {}, False
@@ -413,8 +413,6 @@ class SparsityCallback(pl.Callback):
             "generator": self._generator.get_state(),
             "ever_active": self._ever_active,
             "train_flops": self.train_flops,
-            "config": {"transform": self.transform, "sparsity": self.sparsity, "algorithm": self.algorithm,
-                       "distribution": self.distribution, "seed": self.seed},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
