@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,33 +24,68 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 
-# What each study runs: name -> --sift overrides. Every sparse run uses match_flops, so each model's
-# sparse forward MACs equal the dense model's to rounding: the comparison is at equal FLOPs.
+# What each study runs: name -> --sift (and model) overrides. Every sparse run uses match_flops, so
+# its sparse forward MACs equal the dense model's to rounding: the comparison is at equal FLOPs.
+# Names under "extra" run only when asked for with --only (diagnostics and the costliest runs).
 RIGL = ["--sift.algorithm", "rigl", "--sift.update_frequency", "100", "--sift.match_flops", "true"]
+INIT_SCALE = ["--sift.sparse_init_scale", "true"]
+LONG = ["--trainer.max_steps", "4500", "--trainer.val_check_interval", "1500"]
+
+
+def _sparse(fam: str, s: float, *more: str) -> list[str]:
+    return ["--sift.transform", fam, "--sift.sparsity", str(s), *RIGL, *more]
+
+
+# Unmasked control: the dense model at Sparse Wide s=0.5's nominal width (about 2x the FLOPs). If
+# even this does not beat the narrow dense model, no iso-FLOP sparse variant of it can be expected to.
+_GPT_WIDE = '{"vocab_size": 256, "block_size": 128, "n_layer": 2, "n_head": 4, "d_model": 92}'
 STUDIES = {
     "vision": {
         "config": "bench/configs/study_vision.yaml",
+        "module": "sift_lightning.ImageClassifier",
         "metric": "test/acc1",
+        "curve": "val/acc1",
         "runs": {
             "dense": ["--sift.transform", "dense"],
-            **{f"{fam}_{s}": ["--sift.transform", fam, "--sift.sparsity", str(s), *RIGL]
+            **{f"{fam}_{s}": _sparse(fam, s)
                for s in (0.5, 0.75) for fam in ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
                if s == 0.5 or fam in ("sparse_wide", "sparse_parallel")},
-            "sparse_wide_0.9": ["--sift.transform", "sparse_wide", "--sift.sparsity", "0.9", *RIGL],
             "sparse_wide_0.5_static": ["--sift.transform", "sparse_wide", "--sift.sparsity", "0.5",
                                        "--sift.algorithm", "static", "--sift.match_flops", "true"],
+            "dense_width11": ["--sift.transform", "dense", "--model.backbone_kwargs.width", "11"],
+        },
+        "extra": {
+            "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
         },
     },
     "lm": {
         "config": "bench/configs/study_lm.yaml",
+        "module": "sift_lightning.LanguageModel",
         "metric": "test/ppl",
+        "curve": "val/ppl",
         "runs": {
             "dense": ["--sift.transform", "dense"],
-            **{f"{fam}_{s}": ["--sift.transform", fam, "--sift.sparsity", str(s), *RIGL]
-               for fam in ("sparse_wide", "sparse_parallel") for s in (0.5, 0.75)},
+            **{f"{fam}_{s}": _sparse(fam, s) for fam in ("sparse_wide", "sparse_parallel") for s in (0.5, 0.75)},
+            "dense_d92": ["--sift.transform", "dense", "--model.model", _GPT_WIDE],
+            **{f"sparse_wide_{s}_init_scale": _sparse("sparse_wide", s, *INIT_SCALE) for s in (0.5, 0.75)},
+        },
+        "extra": {
+            "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
+            # the paper's accounting: s only in the sparsified layers (the wider dense head/attention
+            # make it ~1.9x the dense model's whole-model forward FLOPs here; match_flops retunes s)
+            "sparse_wide_0.5_nominal": ["--sift.transform", "sparse_wide", "--sift.sparsity", "0.5",
+                                        "--sift.algorithm", "rigl", "--sift.update_frequency", "100"],
+            "long_dense": ["--sift.transform", "dense", *LONG],
+            "long_sparse_parallel_0.5": _sparse("sparse_parallel", 0.5, *LONG),
+            "long_sparse_wide_0.5_init_scale": _sparse("sparse_wide", 0.5, *INIT_SCALE, *LONG),
+            "long_dense_d92": ["--sift.transform", "dense", "--model.model", _GPT_WIDE, *LONG],
         },
     },
 }
+
+
+def _all_runs(task: str) -> dict[str, list[str]]:
+    return {**STUDIES[task]["runs"], **STUDIES[task]["extra"]}
 
 
 def _run_dir(task: str, name: str, seed: int) -> Path:
@@ -64,15 +98,44 @@ def _sift_fit(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
 
-def run_one(task: str, name: str, seed: int, extra: list[str]) -> dict:
-    """Fit (resuming if a last.ckpt exists), test, and write the run's JSON; return it."""
+def _claim(out: Path) -> bool:
+    """Take the run for this process, so several ``study.py`` workers can share one study.
+
+    A claim is a file created exclusively and holding the worker's pid; a claim whose process has
+    died is taken over (the run then resumes from its ``last.ckpt``).
+    """
+    claim = out / "claim.pid"
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(claim.read_text() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                claim.unlink(missing_ok=True)  # stale: its worker is gone
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def run_one(task: str, name: str, seed: int, extra: list[str]) -> dict | None:
+    """Fit (resuming if a last.ckpt exists), test, and write the run's JSON; return it.
+
+    Returns None when another worker holds the run.
+    """
     study = STUDIES[task]
     out = _run_dir(task, name, seed)
     result_file = out / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--config", study["config"], *study["runs"][name], "--seed_everything", str(seed),
+    if not _claim(out):
+        return None
+    common = ["--config", study["config"], *_all_runs(task)[name], "--seed_everything", str(seed),
               "--sift.seed", str(seed), "--trainer.logger.init_args.save_dir", str(out),
               "--trainer.logger.init_args.version", "v0", *extra]
     last = out / "fit" / "v0" / "checkpoints" / "last.ckpt"
@@ -81,19 +144,38 @@ def run_one(task: str, name: str, seed: int, extra: list[str]) -> dict:
               *(["--ckpt_path", str(last)] if last.exists() else []))
     fit_s = time.time() - start
     _sift_fit("test", *common, "--trainer.logger.init_args.name", "test", "--ckpt_path", str(last))
+    result = {"name": name, "seed": seed, "fit_seconds": round(fit_s, 1), "threads": _threads(),
+              "test": _scalars(out / "test" / "v0", "test/"), **_model_facts(task, last)}
+    result_file.write_text(json.dumps(result, indent=1))
+    (out / "claim.pid").unlink(missing_ok=True)
+    return result
+
+
+def _threads() -> int:
     import torch
 
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+
+
+def _model_facts(task: str, ckpt_path: Path) -> dict:
+    """Parameters, forward MACs per sample (dense and counting active weights only) and training FLOPs."""
+    import importlib
+
+    import torch
+
+    from sift_lightning.flops import count_flops
+
+    module_name, cls_name = STUDIES[task]["module"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    flops = count_flops(model, model.example_input_array)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     sift_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("SparsityCallback")), {})
-    result = {
-        "name": name, "seed": seed, "fit_seconds": round(fit_s, 1),
-        "test": _scalars(out / "test" / "v0", "test/"),
-        "train_flops": sift_state.get("train_flops"),
-        "params": sum(v.numel() for k, v in ckpt["state_dict"].items()
-                      if not k.endswith("_mask") and "running_" not in k and "num_batches" not in k),
+    return {
+        "params": flops.params, "active_params": round(flops.active_params),
+        "macs_dense": int(flops.dense_macs), "macs_sparse": float(flops.sparse_macs),
+        "train_flops": sift_state.get("train_flops"), "steps": ckpt.get("global_step"),
     }
-    result_file.write_text(json.dumps(result, indent=1))
-    return result
 
 
 def _scalars(logdir: Path, prefix: str) -> dict[str, float]:
@@ -105,68 +187,152 @@ def _scalars(logdir: Path, prefix: str) -> dict[str, float]:
     return {t: events.Scalars(t)[-1].value for t in events.Tags()["scalars"] if t.startswith(prefix)}
 
 
-def report(task: str) -> str:
-    """Markdown table (mean ± std over seeds) and plots of the finished runs."""
-    study = STUDIES[task]
-    metric = study["metric"]
+def _load_results(task: str) -> dict[str, list[dict]]:
+    """Finished runs by name (every seed), back-filling model facts into results written before them."""
     rows = {}
-    for name in study["runs"]:
-        found = [json.loads(f.read_text()) for f in sorted((RESULTS / f"study_{task}").glob(f"{name}_seed*/result.json"))]
+    for name in _all_runs(task):
+        found = []
+        for f in sorted((RESULTS / f"study_{task}").glob(f"{name}_seed*/result.json")):
+            r = json.loads(f.read_text())
+            last = f.parent / "fit" / "v0" / "checkpoints" / "last.ckpt"
+            if "macs_dense" not in r and last.exists():
+                r.update(_model_facts(task, last))
+                f.write_text(json.dumps(r, indent=1))
+            found.append(r)
         if found:
             rows[name] = found
-    lines = [f"| run | seeds | {metric} mean ± std | params | fit time (s) |", "|---|---|---|---|---|"]
+    return rows
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def report(task: str) -> str:
+    """Markdown table (mean ± std over seeds) and plots of the finished runs."""
+    metric = STUDIES[task]["metric"]
+    rows = _load_results(task)
+    scale = 100.0 if "acc" in metric else 1.0
+    lines = [f"| run | seeds | {metric} mean ± std | per seed | params (active) | fwd MFLOPs dense | "
+             f"fwd MFLOPs sparse | fit time (s) |", "|---|---|---|---|---|---|---|---|"]
     for name, found in rows.items():
-        vals = [r["test"][metric] for r in found]
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        scale = 100.0 if "acc" in metric else 1.0
-        lines.append(f"| {name} | {len(vals)} | {scale * statistics.mean(vals):.2f} ± {scale * std:.2f} | "
-                     f"{found[0]['params']:,} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
+        vals = [scale * r["test"][metric] for r in found]
+        mean, std = _mean_std(vals)
+        facts = found[0]
+        mflops = (f"{2 * facts['macs_dense'] / 1e6:.2f} | {2 * facts['macs_sparse'] / 1e6:.2f}"
+                  if "macs_dense" in facts else "? | ?")
+        params = f"{facts.get('params', 0):,} ({facts.get('active_params', 0):,})"
+        lines.append(f"| {name} | {len(vals)} | {mean:.2f} ± {std:.2f} | {' / '.join(f'{v:.2f}' for v in vals)} | "
+                     f"{params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
     _plot(task, rows, metric)
+    _plot_curves(task, rows)
     return "\n".join(lines)
 
 
-def _plot(task: str, rows: dict, metric: str) -> None:
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def _plot(task: str, rows: dict, metric: str) -> None:
+    """Test metric against sparsity per member (mean, error bars = std over seeds)."""
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = rows.get("dense")
     if dense:
-        ax.axhline(statistics.mean(r["test"][metric] for r in dense), color="k", ls="--", label="dense")
+        mean, std = _mean_std([r["test"][metric] for r in dense])
+        ax.axhline(mean, color="k", ls="--", label=f"dense ({len(dense)} seeds)")
+        ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
     for fam in ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped"):
-        pts = sorted((float(n.split("_")[-1]), statistics.mean(r["test"][metric] for r in rs))
-                     for n, rs in rows.items() if n.startswith(fam) and not n.endswith("static"))
+        pts = []
+        for name, rs in rows.items():
+            tail = name[len(fam) + 1:]
+            try:
+                s = float(tail)  # plain RigL runs only: sparse_wide_0.5, not _static / _init_scale / long_
+            except ValueError:
+                continue
+            if name.startswith(fam + "_"):
+                pts.append((s, *_mean_std([r["test"][metric] for r in rs])))
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=fam)
+            xs, ys, es = zip(*sorted(pts))
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=fam)
     ax.set_xlabel("sparsity s")
     ax.set_ylabel(metric)
     ax.set_title(f"{task}: Sparse-IFT at equal forward FLOPs")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"study_{task}.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_curves(task: str, rows: dict) -> None:
+    """Validation curves of every run (seed 0, or the first seed that finished)."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tag = STUDIES[task]["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rs in rows.items():
+        events = EventAccumulator(str(_run_dir(task, name, rs[0]["seed"]) / "fit" / "v0"))
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            pts = events.Scalars(tag)
+            ax.plot([p.step for p in pts], [p.value for p in pts], marker=".",
+                    ls="--" if name.startswith("dense") else "-", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(tag)
+    ax.set_title(f"{task}: validation curves (seed {min(r[0]['seed'] for r in rows.values()) if rows else 0})")
+    if "ppl" in tag:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"study_{task}_curves.png", dpi=120)
+    plt.close(fig)
+
+
+NOTES = "<!-- notes: everything below this line is kept when the table is rewritten -->"
 
 
 def main() -> None:
+    global RESULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=sorted(STUDIES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--only", nargs="+", help="run only these run names")
+    p.add_argument("--only", nargs="+", help="run only these run names (also the extra ones)")
     p.add_argument("--report", action="store_true", help="only write the report of finished runs")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where run folders and reports go")
     a, extra = p.parse_known_args()  # anything else goes to sift-fit, e.g. --trainer.max_epochs 2
     extra = [x for x in extra if x != "--"]
+    RESULTS = a.results.resolve()
+    unknown = sorted(set(a.only or ()) - set(_all_runs(a.task)))
+    if unknown:
+        p.error(f"unknown run name(s) {unknown}; valid for {a.task}: {sorted(_all_runs(a.task))}")
     if not a.report:
         for seed in a.seeds:
             for name in a.only or STUDIES[a.task]["runs"]:
                 r = run_one(a.task, name, seed, extra)
-                print(f"{name} seed {seed}: {r['test']} ({r['fit_seconds']} s)", flush=True)
+                if r is None:
+                    print(f"{name} seed {seed}: taken by another worker", flush=True)
+                else:
+                    print(f"{name} seed {seed}: {r['test']} ({r['fit_seconds']} s)", flush=True)
     table = report(a.task)
-    header = (f"# Study: {a.task}\n\nMachine: {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores. Command: `python bench/study.py {a.task}`.\n\n")
-    (RESULTS / f"study_{a.task}.md").write_text(header + table + "\n")
+    md = RESULTS / f"study_{a.task}.md"
+    notes = md.read_text().split(NOTES, 1)[1] if md.exists() and NOTES in md.read_text() else "\n"
+    header = (f"# Study: {a.task}\n\nCommand: `python bench/study.py {a.task}` (table and plots: "
+              f"`--report`). Plots: [metric vs sparsity](study_{a.task}.png), "
+              f"[validation curves](study_{a.task}_curves.png).\n\n")
+    md.write_text(header + table + "\n\n" + NOTES + notes)
     print(table)
 
 

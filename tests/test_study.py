@@ -1,0 +1,89 @@
+"""bench/study.py: workers share a study through claims, runs resume/skip, the report has every column."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_claims_are_exclusive_and_stale_ones_are_taken_over(study, tmp_path: Path) -> None:
+    assert study._claim(tmp_path)
+    assert (tmp_path / "claim.pid").read_text() == str(os.getpid())
+    assert study._claim(tmp_path)  # this worker already holds it
+    (tmp_path / "claim.pid").write_text(str(os.getppid()))  # a live process: another worker
+    assert not study._claim(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "claim.pid").write_text(str(dead.pid))  # its worker is gone: take it over
+    assert study._claim(tmp_path)
+    assert (tmp_path / "claim.pid").read_text() == str(os.getpid())
+
+
+def study_families() -> set[str]:
+    from sift_lightning.transforms import FAMILIES
+
+    return set(FAMILIES)
+
+
+def test_every_run_is_a_valid_sift_fit_override_list(study) -> None:
+    for task in study.STUDIES:
+        runs = study._all_runs(task)
+        assert "dense" in runs and not set(study.STUDIES[task]["runs"]) & set(study.STUDIES[task]["extra"])
+        for name, args in runs.items():
+            assert args[0] == "--sift.transform" and args[1] in {"dense", *study_families()}, (task, name)
+            assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), (task, name)
+            if "sparse_" in args[1] and "nominal" not in name:
+                assert args[args.index("--sift.match_flops") + 1] == "true", (task, name)  # equal FLOPs
+
+
+def _study(results: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "bench/study.py", "lm", "--seeds", "0", "--results", str(results), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path) -> None:
+    tiny = ["--only", "dense", "sparse_parallel_0.5", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+            "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--data.root", str(tmp_path / "data"),
+            "--data.batch_size", "4"]
+    proc = _study(tmp_path, *tiny)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dense = json.loads((tmp_path / "study_lm" / "dense_seed0" / "result.json").read_text())
+    sparse = json.loads((tmp_path / "study_lm" / "sparse_parallel_0.5_seed0" / "result.json").read_text())
+    assert dense["steps"] == sparse["steps"] == 4 and dense["test"]["test/ppl"] > 1
+    assert dense["macs_dense"] == dense["macs_sparse"] and dense["train_flops"] is None
+    # equal forward FLOPs by construction; the Parallel model holds more (masked) parameters
+    assert sparse["macs_sparse"] == pytest.approx(dense["macs_dense"], rel=0.01)
+    assert sparse["macs_dense"] > 1.5 * dense["macs_dense"] and sparse["params"] > sparse["active_params"]
+    assert sparse["train_flops"] > 0
+    md = (tmp_path / "study_lm.md").read_text()
+    assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md
+    (tmp_path / "study_lm.md").write_text(md + "hand-written notes\n")
+    assert (tmp_path / "study_lm.png").stat().st_size > 0 and (tmp_path / "study_lm_curves.png").stat().st_size > 0
+    again = _study(tmp_path, *tiny)  # finished runs are skipped, notes below the marker survive
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Seed set" not in again.stderr and "hand-written notes" in (tmp_path / "study_lm.md").read_text()
+    assert json.loads((tmp_path / "study_lm" / "dense_seed0" / "result.json").read_text()) == dense
+
+
+def test_unknown_run_names_fail_in_one_line(tmp_path: Path) -> None:
+    proc = _study(tmp_path, "--only", "sparse_wide_0.6")
+    assert proc.returncode == 2 and "unknown run name(s) ['sparse_wide_0.6']; valid for lm:" in proc.stderr
