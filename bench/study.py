@@ -30,6 +30,8 @@ RESULTS = ROOT / "docs" / "results"
 RIGL = ["--sift.algorithm", "rigl", "--sift.update_frequency", "100", "--sift.match_flops", "true"]
 INIT_SCALE = ["--sift.sparse_init_scale", "true"]
 LONG = ["--trainer.max_steps", "4500", "--trainer.val_check_interval", "1500"]
+VISION_LONG = ["--trainer.max_epochs", "12"]
+FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
 
 
 def _sparse(fam: str, s: float, *more: str) -> list[str]:
@@ -47,15 +49,22 @@ STUDIES = {
         "curve": "val/acc1",
         "runs": {
             "dense": ["--sift.transform", "dense"],
-            **{f"{fam}_{s}": _sparse(fam, s)
-               for s in (0.5, 0.75) for fam in ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
-               if s == 0.5 or fam in ("sparse_wide", "sparse_parallel")},
+            **{f"{fam}_0.5": _sparse(fam, 0.5) for fam in FAMILIES},
+            **{f"{fam}_0.75": _sparse(fam, 0.75) for fam in ("sparse_wide", "sparse_parallel")},
+            "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
             "sparse_wide_0.5_static": ["--sift.transform", "sparse_wide", "--sift.sparsity", "0.5",
                                        "--sift.algorithm", "static", "--sift.match_flops", "true"],
             "dense_width11": ["--sift.transform", "dense", "--model.backbone_kwargs.width", "11"],
         },
         "extra": {
-            "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
+            **{f"{fam}_0.75": _sparse(fam, 0.75) for fam in ("sparse_factorized", "sparse_doped")},
+            # the schedule question: the same runs at 3x the epochs
+            **{f"long_{name}": [*args, *VISION_LONG] for name, args in (
+                ("dense", ["--sift.transform", "dense"]),
+                ("dense_width11", ["--sift.transform", "dense", "--model.backbone_kwargs.width", "11"]),
+                ("sparse_wide_0.5", _sparse("sparse_wide", 0.5)),
+                ("sparse_parallel_0.5", _sparse("sparse_parallel", 0.5)),
+            )},
         },
     },
     "lm": {
@@ -252,7 +261,7 @@ def _plot(task: str, rows: dict, metric: str) -> None:
         mean, std = _mean_std([r["test"][metric] for r in dense])
         ax.axhline(mean, color="k", ls="--", label=f"dense ({len(dense)} seeds)")
         ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
-    for fam in ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped"):
+    for fam in FAMILIES:
         pts = []
         for name, rs in rows.items():
             tail = name[len(fam) + 1:]
