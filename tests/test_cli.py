@@ -108,3 +108,38 @@ def test_bad_sift_value_is_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "sift-fit: error: sparsity must be a number in (0, 1) such as 0.5, 0.75 or 0.9, got 1.5")
     assert "Traceback" not in out.stderr
+
+
+def test_last_ckpt_is_the_final_step_after_a_mid_epoch_validation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), *FAST, "--trainer.max_steps", "5",
+          "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "8"])
+    (version,) = (tmp_path / "runs" / "quickstart_gpt").iterdir()
+    ckpt = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5  # Lightning's own ModelCheckpoint leaves it at the step-4 validation
+
+
+def test_checkpointing_and_logger_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), *FAST, "--data.init_args.batch_size", "8",
+          "--trainer.enable_checkpointing", "false", "--trainer.logger", "false"])
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "runs").exists()
+
+
+def test_a_configured_checkpoint_or_lr_monitor_replaces_ours():
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from sift_lightning.checkpointing import ModelCheckpoint as FinalModelCheckpoint
+    from sift_lightning.cli import _default_callbacks
+
+    kinds = [type(c) for c in _default_callbacks({"callbacks": None, "logger": None, "enable_checkpointing": None})]
+    assert kinds == [FinalModelCheckpoint, LearningRateMonitor]
+    assert _default_callbacks({"callbacks": [ModelCheckpoint(), LearningRateMonitor()]}) == []
+    assert _default_callbacks({"enable_checkpointing": False, "logger": False}) == []
+
+
+def test_lightning_misconfiguration_is_one_line(tmp_path):
+    out = _sift_fit("fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), "--trainer.val_check_interval", "1.5",
+                    cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("sift-fit: error: You have passed invalid value 1.5")

@@ -15,10 +15,13 @@ import os
 import sys
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from sift_lightning.callback import SparsityCallback
+from sift_lightning.checkpointing import ModelCheckpoint
 
 __all__ = ["SiftCLI", "main"]
 
@@ -38,17 +41,28 @@ class SiftCLI(LightningCLI):
             settings["transform"] = None if transform in (None, "none") else transform
             # first, so checkpoints taken at a batch end see the callback's state of that batch
             callbacks = [SparsityCallback(**settings), *callbacks]
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(config, [*callbacks, *_default_callbacks(config)])
+
+
+def _default_callbacks(config: dict[str, Any]) -> list[Callback]:
+    """Checkpoints (last + best ``val/loss``) and an LR monitor, unless the run opts out of them.
+
+    ``--trainer.enable_checkpointing false`` drops the checkpoint, ``--trainer.logger false`` the LR
+    monitor (it needs a logger), and a callback of the same kind in the config replaces ours.
+    """
+    given = config.get("callbacks") or []
+    given = given if isinstance(given, list) else [given]
+    defaults: list[Callback] = []
+    if config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, _LightningModelCheckpoint) for c in given):
+        defaults.append(ModelCheckpoint(monitor="val/loss", mode="min", save_last=True, filename="best-{epoch}-{step}"))
+    if config.get("logger") not in (False, []) and not any(isinstance(c, LearningRateMonitor) for c in given):
+        defaults.append(LearningRateMonitor(logging_interval="step"))
+    return defaults
 
 
 def _trainer_defaults() -> dict[str, Any]:
-    return {
-        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-        "callbacks": [
-            ModelCheckpoint(monitor="val/loss", mode="min", save_last=True, filename="best-{epoch}-{step}"),
-            LearningRateMonitor(logging_interval="step"),
-        ],
-    }
+    return {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}}}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -68,7 +82,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("SIFT_DEBUG"):
             raise
         print(f"sift-fit: error: {err}", file=sys.stderr)
