@@ -29,7 +29,7 @@ RESULTS = ROOT / "docs" / "results"
 # Names under "extra" run only when asked for with --only (diagnostics and the costliest runs).
 RIGL = ["--sift.algorithm", "rigl", "--sift.update_frequency", "100", "--sift.match_flops", "true"]
 INIT_SCALE = ["--sift.sparse_init_scale", "true"]
-LONG = ["--trainer.max_steps", "4500", "--trainer.val_check_interval", "1500"]
+LONG = ["--trainer.max_steps", "9000"]  # 3x the LM schedule (bench/configs/study_lm.yaml: 3,000 steps)
 VISION_LONG = ["--trainer.max_epochs", "12"]
 FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
 
@@ -154,7 +154,8 @@ def run_one(task: str, name: str, seed: int, extra: list[str]) -> dict | None:
     fit_s = time.time() - start
     _sift_fit("test", *common, "--trainer.logger.init_args.name", "test", "--ckpt_path", str(last))
     result = {"name": name, "seed": seed, "fit_seconds": round(fit_s, 1), "threads": _threads(),
-              "test": _scalars(out / "test" / "v0", "test/"), **_model_facts(task, last)}
+              "test": _scalars(out / "test" / "v0", "test/"), "val": _scalars(out / "fit" / "v0", "val/"),
+              **_model_facts(task, last)}
     result_file.write_text(json.dumps(result, indent=1))
     (out / "claim.pid").unlink(missing_ok=True)
     return result
@@ -207,6 +208,9 @@ def _load_results(task: str) -> dict[str, list[dict]]:
             if "macs_dense" not in r and last.exists():
                 r.update(_model_facts(task, last))
                 f.write_text(json.dumps(r, indent=1))
+            if "val" not in r:
+                r["val"] = _scalars(f.parent / "fit" / "v0", "val/")
+                f.write_text(json.dumps(r, indent=1))
             found.append(r)
         if found:
             rows[name] = found
@@ -222,17 +226,19 @@ def report(task: str) -> str:
     metric = STUDIES[task]["metric"]
     rows = _load_results(task)
     scale = 100.0 if "acc" in metric else 1.0
-    lines = [f"| run | seeds | {metric} mean ± std | per seed | params (active) | fwd MFLOPs dense | "
-             f"fwd MFLOPs sparse | fit time (s) |", "|---|---|---|---|---|---|---|---|"]
+    val_metric = STUDIES[task]["curve"]
+    lines = [f"| run | seeds | {metric} mean ± std | per seed | final {val_metric} | params (active) | "
+             f"fwd MFLOPs dense | fwd MFLOPs sparse | fit time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, found in rows.items():
         vals = [scale * r["test"][metric] for r in found]
         mean, std = _mean_std(vals)
+        v_mean, v_std = _mean_std([scale * r["val"][val_metric] for r in found if val_metric in r.get("val", {})] or [0.0])
         facts = found[0]
         mflops = (f"{2 * facts['macs_dense'] / 1e6:.2f} | {2 * facts['macs_sparse'] / 1e6:.2f}"
                   if "macs_dense" in facts else "? | ?")
         params = f"{facts.get('params', 0):,} ({facts.get('active_params', 0):,})"
         lines.append(f"| {name} | {len(vals)} | {mean:.2f} ± {std:.2f} | {' / '.join(f'{v:.2f}' for v in vals)} | "
-                     f"{params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
+                     f"{v_mean:.2f} ± {v_std:.2f} | {params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
     _plot(task, rows, metric)
     _plot_curves(task, rows)
     return "\n".join(lines)

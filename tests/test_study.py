@@ -68,14 +68,14 @@ def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     dense = json.loads((tmp_path / "study_lm" / "dense_seed0" / "result.json").read_text())
     sparse = json.loads((tmp_path / "study_lm" / "sparse_parallel_0.5_seed0" / "result.json").read_text())
-    assert dense["steps"] == sparse["steps"] == 4 and dense["test"]["test/ppl"] > 1
+    assert dense["steps"] == sparse["steps"] == 4 and dense["test"]["test/ppl"] > 1 and dense["val"]["val/ppl"] > 1
     assert dense["macs_dense"] == dense["macs_sparse"] and dense["train_flops"] is None
     # equal forward FLOPs by construction; the Parallel model holds more (masked) parameters
     assert sparse["macs_sparse"] == pytest.approx(dense["macs_dense"], rel=0.01)
     assert sparse["macs_dense"] > 1.5 * dense["macs_dense"] and sparse["params"] > sparse["active_params"]
     assert sparse["train_flops"] > 0
     md = (tmp_path / "study_lm.md").read_text()
-    assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md
+    assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md and "final val/ppl" in md
     (tmp_path / "study_lm.md").write_text(md + "hand-written notes\n")
     assert (tmp_path / "study_lm.png").stat().st_size > 0 and (tmp_path / "study_lm_curves.png").stat().st_size > 0
     again = _study(tmp_path, *tiny)  # finished runs are skipped, notes below the marker survive
