@@ -267,6 +267,11 @@ def _plot(task: str, rows: dict, metric: str) -> None:
         mean, std = _mean_std([r["test"][metric] for r in dense])
         ax.axhline(mean, color="k", ls="--", label=f"dense ({len(dense)} seeds)")
         ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
+    for name, rs in rows.items():  # unmasked controls at another width (more FLOPs): dotted
+        if name.startswith("dense_"):
+            ax.axhline(_mean_std([r["test"][metric] for r in rs])[0], color="grey", ls=":",
+                       label=f"{name}, unmasked, {rs[0]['macs_dense'] / dense[0]['macs_dense']:.1f}x FLOPs"
+                       if dense and "macs_dense" in rs[0] else name)
     for fam in FAMILIES:
         pts = []
         for name, rs in rows.items():
@@ -279,7 +284,14 @@ def _plot(task: str, rows: dict, metric: str) -> None:
                 pts.append((s, *_mean_std([r["test"][metric] for r in rs])))
         if pts:
             xs, ys, es = zip(*sorted(pts))
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=fam)
+            line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=fam)
+            for variant, marker in (("static", "s"), ("init_scale", "^")):  # the same member, other settings
+                for name, rs in rows.items():
+                    head, _, tail = name.rpartition("_" + variant)
+                    if tail == "" and head.startswith(fam + "_") and head[len(fam) + 1:].replace(".", "", 1).isdigit():
+                        m, e = _mean_std([r["test"][metric] for r in rs])
+                        ax.errorbar([float(head[len(fam) + 1:])], [m], yerr=[e], marker=marker, mfc="none", capsize=3,
+                                    color=line[0].get_color(), ls="none", label=f"{fam} ({variant})")
     ax.set_xlabel("sparsity s")
     ax.set_ylabel(metric)
     ax.set_title(f"{task}: Sparse-IFT at equal forward FLOPs")
@@ -289,28 +301,45 @@ def _plot(task: str, rows: dict, metric: str) -> None:
     plt.close(fig)
 
 
+def _curve(task: str, name: str, seed: int, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(_run_dir(task, name, seed) / "fit" / "v0"))
+    events.Reload()
+    return {p.step: p.value for p in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
 def _plot_curves(task: str, rows: dict) -> None:
-    """Validation curves of every run (seed 0, or the first seed that finished)."""
+    """Validation curves, mean over seeds: the main runs, and the longer-schedule runs beside them."""
     plt = _pyplot()
     if plt is None:
         return
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     tag = STUDIES[task]["curve"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rs in rows.items():
-        events = EventAccumulator(str(_run_dir(task, name, rs[0]["seed"]) / "fit" / "v0"))
-        events.Reload()
-        if tag in events.Tags()["scalars"]:
-            pts = events.Scalars(tag)
-            ax.plot([p.step for p in pts], [p.value for p in pts], marker=".",
-                    ls="--" if name.startswith("dense") else "-", label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(tag)
-    ax.set_title(f"{task}: validation curves (seed {min(r[0]['seed'] for r in rows.values()) if rows else 0})")
-    if "ppl" in tag:
-        ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
+    groups = {"main runs": [n for n in rows if not n.startswith("long_")],
+              "longer schedule": [n for n in rows if n.startswith("long_")]}
+    groups = {title: names for title, names in groups.items() if names}
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
+    for ax, (title, names) in zip(axes[0], groups.items()):
+        late = []
+        for name in names:
+            curves = [_curve(task, name, r["seed"], tag) for r in rows[name]]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not steps:
+                continue
+            ys = [statistics.mean(c[t] for c in curves) for t in steps]
+            late += ys[len(ys) // 3:]
+            ax.plot(steps, ys, marker=".", ls="--" if "dense" in name else "-",
+                    label=f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+        if late:  # zoom past the first third of the points, where the runs separate
+            lo, hi = min(late), max(late)
+            pad = 0.15 * (hi - lo or abs(hi) * 0.01)
+            ax.set_ylim(lo - pad, hi + pad)
+        if "ppl" in tag:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(tag)
+        ax.set_title(f"{task}: {title}")
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(RESULTS / f"study_{task}_curves.png", dpi=120)
     plt.close(fig)
