@@ -73,9 +73,9 @@ def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path
     # equal forward FLOPs by construction; the Parallel model holds more (masked) parameters
     assert sparse["macs_sparse"] == pytest.approx(dense["macs_dense"], rel=0.01)
     assert sparse["macs_dense"] > 1.5 * dense["macs_dense"] and sparse["params"] > sparse["active_params"]
-    assert sparse["train_flops"] > 0
+    assert sparse["train_flops"] > 0 and dense["sparsity"] == 0.0 and 0.49 < sparse["sparsity"] < 0.51
     md = (tmp_path / "study_lm.md").read_text()
-    assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md and "final val/ppl" in md
+    assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md and "final val/ppl" in md and "s in sparse layers" in md
     (tmp_path / "study_lm.md").write_text(md + "hand-written notes\n")
     assert (tmp_path / "study_lm.png").stat().st_size > 0 and (tmp_path / "study_lm_curves.png").stat().st_size > 0
     again = _study(tmp_path, *tiny)  # finished runs are skipped, notes below the marker survive
