@@ -183,12 +183,35 @@ def _model_facts(task: str, ckpt_path: Path) -> dict:
     sift_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("SparsityCallback")), {})
     masks = [v for k, v in ckpt["state_dict"].items() if k.endswith("_mask")]
     return {
+        **_parallel_union(model),
         # the sparsity the sparse layers really train at (match_flops raises it above the nominal s)
         "sparsity": 1.0 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks) if masks else 0.0,
         "params": flops.params, "active_params": round(flops.active_params),
         "macs_dense": int(flops.dense_macs), "macs_sparse": float(flops.sparse_macs),
         "train_flops": sift_state.get("train_flops"), "steps": ckpt.get("global_step"),
     }
+
+
+def _parallel_union(model) -> dict[str, float]:
+    """Sparse Parallel's branches summed: the density of the one kernel they add up to.
+
+    Conv branches each pass their own BatchNorm, so in training they are n separate paths; Linear
+    branches (the GPT's) have no norm and always compute one matrix whose support is the union of the
+    branch masks (1 - s^n: 75% at s=0.5, 68% at s=0.75). Either way, this is the folded layer's density.
+    """
+    from sift_lightning.sparse.masks import get_mask, sparse_parameters
+    from sift_lightning.transforms.parallel import SparseParallel
+
+    active = total = 0
+    for module in model.modules():
+        if isinstance(module, SparseParallel):
+            union = None
+            for branch in module.branches:
+                for _, owner, local, _ in sparse_parameters(branch):
+                    mask = get_mask(owner, local)
+                    union = mask.clone() if union is None else union | mask
+            active, total = active + int(union.sum()), total + union.numel()
+    return {"parallel_union_density": active / total} if total else {}
 
 
 def _scalars(logdir: Path, prefix: str) -> dict[str, float]:

@@ -74,6 +74,8 @@ def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path
     assert sparse["macs_sparse"] == pytest.approx(dense["macs_dense"], rel=0.01)
     assert sparse["macs_dense"] > 1.5 * dense["macs_dense"] and sparse["params"] > sparse["active_params"]
     assert sparse["train_flops"] > 0 and dense["sparsity"] == 0.0 and 0.49 < sparse["sparsity"] < 0.51
+    # two branches at density 0.5 sum to one kernel of density between 0.5 (same masks) and 1 (disjoint)
+    assert 0.5 <= sparse["parallel_union_density"] <= 1.0 and "parallel_union_density" not in dense
     md = (tmp_path / "study_lm.md").read_text()
     assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md and "final val/ppl" in md and "s in sparse layers" in md
     (tmp_path / "study_lm.md").write_text(md + "hand-written notes\n")
