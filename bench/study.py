@@ -264,6 +264,8 @@ def report(task: str) -> str:
                   if "macs_dense" in facts else "? | ?")
         params = f"{facts.get('params', 0):,} ({facts.get('active_params', 0):,})"
         sparsity = f"{facts['sparsity']:.3f}" if "sparsity" in facts else "?"
+        if "parallel_union_density" in facts:  # what the summed branches amount to
+            sparsity += f" (sum: {1 - statistics.mean(r['parallel_union_density'] for r in found):.3f})"
         lines.append(f"| {name} | {len(vals)} | {mean:.2f} ± {std:.2f} | {' / '.join(f'{v:.2f}' for v in vals)} | "
                      f"{v_mean:.2f} ± {v_std:.2f} | {sparsity} | {params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
     _plot(task, rows, metric)
