@@ -231,7 +231,8 @@ def _load_results(task: str) -> dict[str, list[dict]]:
         for f in sorted((RESULTS / f"study_{task}").glob(f"{name}_seed*/result.json")):
             r = json.loads(f.read_text())
             last = f.parent / "fit" / "v0" / "checkpoints" / "last.ckpt"
-            if ("macs_dense" not in r or "sparsity" not in r) and last.exists():
+            stale = not {"macs_dense", "sparsity"} <= r.keys() or ("parallel" in name and "parallel_union_density" not in r)
+            if stale and last.exists():
                 r.update(_model_facts(task, last))
                 f.write_text(json.dumps(r, indent=1))
             if "val" not in r:
