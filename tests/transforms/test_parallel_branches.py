@@ -97,3 +97,16 @@ def test_parallel_param_count(s):
         per_layer += conv.weight.numel() + 2 * conv.out_channels  # conv + BN affine
     total_dense = sum(p.numel() for p in dense.parameters())
     assert sum(p.numel() for p in sparse.parameters()) == total_dense + (n - 1) * per_layer
+
+
+def test_branches_without_a_norm_warn_that_they_sum_to_one_matrix():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match=r"sparse_parallel: 2 layer\(s\) \(1, \.\.\.\) have no norm of their own"):
+        transform(model, "sparse_parallel", 0.5)
+    with pytest.warns(UserWarning, match="no norm of their own"):
+        transform(tiny_resnet(), "sparse_parallel", 0.5, branch_norm=False)
+
+
+def test_conv_bn_branches_do_not_warn(recwarn):
+    transform(tiny_resnet(), "sparse_parallel", 0.5)
+    assert not [w for w in recwarn if "sparse_parallel" in str(w.message)]

@@ -7,12 +7,18 @@ Sparse MACs: ``n (1 - s) d_in d_out ~= d_in d_out``.
 A conv followed by a BatchNorm becomes ``sum_i BN_i(conv_i(x))``: every branch owns its norm,
 as in the official ResNet-18, and the original BN is replaced by Identity so the block's
 activation follows the sum. Without per-branch norms a sum of linear maps is one denser matrix.
-Linear layers have no norm to carry: their branches are plain Linear copies (biases summed).
+Linear layers have no norm to carry: their branches are plain Linear copies (biases summed). Such
+branches -- and conv branches without a norm of their own -- always compute one matrix, the sum,
+whose support is the union of the branch masks: no more capacity than the dense layer, at ``n``
+times its memory. RigL makes it worse: every branch sees the same gradient, so they grow the same
+positions (the LM study's summed GPT layers ended at density 0.61, not 1 - s^n = 0.75). The
+transform warns when it builds such branches; sparse_wide and sparse_factorized suit Linear layers.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -81,8 +87,11 @@ def sparse_parallel(
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
     n = parallel_branches(sparsity)
+    unnormed = []
     for name, layer in candidate_layers(model, **select):
         bn = following_batchnorm(model, name) if branch_norm and isinstance(layer, nn.Conv2d) else None
+        if bn is None:
+            unnormed.append(name)
         branches: list[nn.Module] = []
         for _ in range(n):
             conv = mark_sparse(_fresh_copy(layer), sparsity)
@@ -90,4 +99,13 @@ def sparse_parallel(
         replace_module(model, name, SparseParallel(branches))
         if bn:
             replace_module(model, bn[0], nn.Identity())
+    if unnormed:
+        warnings.warn(
+            f"sparse_parallel: {len(unnormed)} layer(s) ({unnormed[0]}, ...) have no norm of their own after each "
+            f"branch, so their {n} branches sum to one matrix with no more capacity than the dense layer; "
+            "Parallel's gains need a norm per branch (conv + BatchNorm). For Linear layers use sparse_wide or "
+            "sparse_factorized",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
