@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +178,9 @@ def _model_facts(task: str, ckpt_path: Path) -> dict:
 
     module_name, cls_name = STUDIES[task]["module"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
-    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    with warnings.catch_warnings():  # the transform's advice was printed when the run was built
+        warnings.simplefilter("ignore")
+        model = cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     flops = count_flops(model, model.example_input_array)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     sift_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("SparsityCallback")), {})

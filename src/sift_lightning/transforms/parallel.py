@@ -11,7 +11,7 @@ Linear layers have no norm to carry: their branches are plain Linear copies (bia
 branches -- and conv branches without a norm of their own -- always compute one matrix, the sum,
 whose support is the union of the branch masks: no more capacity than the dense layer, at ``n``
 times its memory. RigL makes it worse: every branch sees the same gradient, so they grow the same
-positions (the LM study's summed GPT layers ended at density 0.61, not 1 - s^n = 0.75). The
+positions (in the LM study the two s=0.5 branches summed to density 0.57, not 1 - s^2 = 0.75). The
 transform warns when it builds such branches; sparse_wide and sparse_factorized suit Linear layers.
 """
 
