@@ -270,8 +270,9 @@ def report(task: str) -> str:
         sparsity = f"{facts['sparsity']:.3f}" if "sparsity" in facts else "?"
         if "parallel_union_density" in facts:  # what the summed branches amount to
             sparsity += f" (sum: {1 - statistics.mean(r['parallel_union_density'] for r in found):.3f})"
-        lines.append(f"| {name} | {len(vals)} | {mean:.2f} ± {std:.2f} | {' / '.join(f'{v:.2f}' for v in vals)} | "
-                     f"{v_mean:.2f} ± {v_std:.2f} | {sparsity} | {params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
+        d = 2 if scale != 1.0 else 3  # accuracy in % to 0.01; perplexity to 0.001
+        lines.append(f"| {name} | {len(vals)} | {mean:.{d}f} ± {std:.{d}f} | {' / '.join(f'{v:.{d}f}' for v in vals)} | "
+                     f"{v_mean:.{d}f} ± {v_std:.{d}f} | {sparsity} | {params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
     _plot(task, rows, metric)
     _plot_curves(task, rows)
     return "\n".join(lines)
@@ -323,8 +324,10 @@ def _plot(task: str, rows: dict, metric: str) -> None:
                     head, _, tail = name.rpartition("_" + variant)
                     if tail == "" and head.startswith(fam + "_") and head[len(fam) + 1:].replace(".", "", 1).isdigit():
                         m, e = _mean_std([r["test"][metric] for r in rs])
+                        label = f"{fam} ({variant})"
                         ax.errorbar([float(head[len(fam) + 1:])], [m], yerr=[e], marker=marker, mfc="none", capsize=3,
-                                    color=line[0].get_color(), ls="none", label=f"{fam} ({variant})")
+                                    color=line[0].get_color(), ls="none",
+                                    label=None if label in ax.get_legend_handles_labels()[1] else label)
     ax.set_xlabel("sparsity s")
     ax.set_ylabel(metric)
     ax.set_title(f"{task}: Sparse-IFT at equal forward FLOPs")
@@ -367,8 +370,6 @@ def _plot_curves(task: str, rows: dict) -> None:
             lo, hi = min(late), max(late)
             pad = 0.15 * (hi - lo or abs(hi) * 0.01)
             ax.set_ylim(lo - pad, hi + pad)
-        if "ppl" in tag:
-            ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(tag)
         ax.set_title(f"{task}: {title}")
