@@ -3,6 +3,7 @@ the paper's optimizer recipes."""
 
 from __future__ import annotations
 
+import csv
 import math
 
 import lightning.pytorch as pl
@@ -116,3 +117,27 @@ def test_lr_schedules():
 def test_optim_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         OptimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("family", ["sparse_wide", "sparse_parallel"])
+def test_logged_flops_count_attention_like_count_flops(family, tmp_path):
+    """The callback's per-sample FLOPs include the attention scores (activation x activation), as
+    ``count_flops`` does: a GPT's train FLOPs are not undercounted."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from sift_lightning import count_flops
+
+    module = LanguageModel("gpt_tiny", block_size=64, optim=OptimConfig(name="adamw", lr=1e-3))
+    cb = SparsityCallback(0.5, transform=family, algorithm="static")
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[cb], limit_val_batches=0)
+    trainer.fit(module, _text_data())
+    report = count_flops(module, torch.zeros(1, 64, dtype=torch.long))
+    assert report.other_macs > 0.2 * report.dense_macs / 4  # attention is a real share of this GPT
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    per_sample = {k: float(v) for m in rows for k, v in m.items() if k.startswith("sift/flops_per_sample") and v}
+    assert per_sample["sift/flops_per_sample_dense"] == 2 * report.dense_macs
+    assert per_sample["sift/flops_per_sample_sparse"] == pytest.approx(2 * report.sparse_macs, rel=1e-9)
+    assert cb.train_flops == pytest.approx(2 * 8 * 3 * 2 * report.sparse_macs, rel=1e-9)  # 2 steps of 8 samples

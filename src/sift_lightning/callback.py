@@ -158,6 +158,7 @@ class SparsityCallback(pl.Callback):
         self._end_step = 0
         self._fwd: tuple[float, float] | None = None  # per-sample forward MACs (dense, sparse)
         self._recorder: LayerRecorder | None = None
+        self._measured: tuple[float, float] | None = None  # the recorded pass's MACs (dense, sparse)
         self._last_update: dict[str, float] = {}
         self._log_now = False
         self._dense_grad_due = False
@@ -363,6 +364,14 @@ class SparsityCallback(pl.Callback):
         if self._fwd is None and self._recorder is None:
             self._recorder = LayerRecorder(pl_module).__enter__()  # measure one real forward pass
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._stop_recording()  # the forward pass only: attention's backward must not count as forward
+
+    def _stop_recording(self) -> None:
+        if self._recorder is not None and self._measured is None:
+            self._recorder.__exit__()
+            self._measured = (self._recorder.dense_macs, self._recorder.sparse_macs)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -370,9 +379,9 @@ class SparsityCallback(pl.Callback):
         per_rank = extract_batch_size(batch)
         samples = per_rank * trainer.world_size
         if self._recorder is not None:
-            self._recorder.__exit__()
-            rows, self._recorder = self._recorder.rows, None
-            self._fwd = (sum(r.dense_macs for r in rows) / per_rank, sum(r.sparse_macs for r in rows) / per_rank)
+            self._stop_recording()
+            (dense, sparse), self._recorder, self._measured = self._measured, None, None
+            self._fwd = (dense / per_rank, sparse / per_rank)
         self._step_samples = samples * trainer.accumulate_grad_batches
         self.train_flops += 3 * 2 * self._fwd[1] * samples  # forward + backward ~= 3 forward passes
         if self._dense_grad_due:

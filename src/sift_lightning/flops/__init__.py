@@ -119,12 +119,18 @@ def _run(model: nn.Module, example_input: Any) -> None:
 
 
 class LayerRecorder:
-    """Context manager that records a ``LayerFlops`` row for every Conv/Linear call inside it."""
+    """Context manager that records a ``LayerFlops`` row for every Conv/Linear call inside it.
+
+    It also counts every matmul/conv/attention op under ``FlopCounterMode``, so ``other_macs``
+    (set on exit) holds the MACs outside the layers: the attention scores of a transformer.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.rows: list[LayerFlops] = []
+        self.other_macs = 0
         self._names = {m: n for n, m in model.named_modules() if isinstance(m, _LAYERS)}
         self._handles: list[Any] = []
+        self._counter: FlopCounterMode | None = None
 
     def _hook(self, module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
         # every output entry is one dot product of length weight.numel() / out_features
@@ -133,12 +139,26 @@ class LayerRecorder:
 
     def __enter__(self) -> LayerRecorder:
         self._handles = [m.register_forward_hook(self._hook) for m in self._names]
+        self._counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+        self._counter.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.other_macs = max(0, self._counter.get_total_flops() // 2 - sum(r.dense_macs for r in self.rows))
+            self._counter = None
+
+    @property
+    def dense_macs(self) -> int:
+        return sum(r.dense_macs for r in self.rows) + self.other_macs
+
+    @property
+    def sparse_macs(self) -> float:
+        return sum(r.sparse_macs for r in self.rows) + self.other_macs
 
 
 @torch.no_grad()
@@ -153,12 +173,11 @@ def count_flops(model: nn.Module, example_input: Any) -> FlopReport:
     was_training = model.training
     model.eval()
     try:
-        with LayerRecorder(model) as rec, FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        with LayerRecorder(model) as rec:
             _run(model, example_input)
     finally:
         model.train(was_training)
-    report = FlopReport(layers=rec.rows)
-    report.other_macs = counter.get_total_flops() // 2 - sum(r.dense_macs for r in rec.rows)
+    report = FlopReport(layers=rec.rows, other_macs=rec.other_macs)
     report.params, report.active_params = _param_counts(model)
     return report
 
