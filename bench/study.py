@@ -156,6 +156,7 @@ def run_one(task: str, name: str, seed: int, extra: list[str]) -> dict | None:
     _sift_fit("test", *common, "--trainer.logger.init_args.name", "test", "--ckpt_path", str(last))
     result = {"name": name, "seed": seed, "fit_seconds": round(fit_s, 1), "threads": _threads(),
               "test": _scalars(out / "test" / "v0", "test/"), "val": _scalars(out / "fit" / "v0", "val/"),
+              "train_loss": _train_loss(out / "fit" / "v0"),
               **_model_facts(task, last)}
     result_file.write_text(json.dumps(result, indent=1))
     (out / "claim.pid").unlink(missing_ok=True)
@@ -217,6 +218,19 @@ def _parallel_union(model) -> dict[str, float]:
     return {"parallel_union_density": active / total} if total else {}
 
 
+def _train_loss(logdir: Path) -> float | None:
+    """Training loss at the end: the last epoch's mean, or the mean of the last 10 logged steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    if "train/loss_epoch" in tags:
+        return events.Scalars("train/loss_epoch")[-1].value
+    tag = next((t for t in ("train/loss_step", "train/loss") if t in tags), None)
+    return statistics.mean(p.value for p in events.Scalars(tag)[-10:]) if tag else None
+
+
 def _scalars(logdir: Path, prefix: str) -> dict[str, float]:
     """The last value of every TensorBoard scalar under ``logdir`` whose tag starts with ``prefix``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -238,8 +252,9 @@ def _load_results(task: str) -> dict[str, list[dict]]:
             if stale and last.exists():
                 r.update(_model_facts(task, last))
                 f.write_text(json.dumps(r, indent=1))
-            if "val" not in r:
+            if "val" not in r or "train_loss" not in r:
                 r["val"] = _scalars(f.parent / "fit" / "v0", "val/")
+                r["train_loss"] = _train_loss(f.parent / "fit" / "v0")
                 f.write_text(json.dumps(r, indent=1))
             found.append(r)
         if found:
@@ -257,12 +272,14 @@ def report(task: str) -> str:
     rows = _load_results(task)
     scale = 100.0 if "acc" in metric else 1.0
     val_metric = STUDIES[task]["curve"]
-    lines = [f"| run | seeds | {metric} mean ± std | per seed | final {val_metric} | s in sparse layers | params (active) | "
-             f"fwd MFLOPs dense | fwd MFLOPs sparse | fit time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| run | seeds | {metric} mean ± std | per seed | final {val_metric} | train loss | s in sparse layers | params (active) | "
+             f"fwd MFLOPs dense | fwd MFLOPs sparse | fit time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, found in rows.items():
         vals = [scale * r["test"][metric] for r in found]
         mean, std = _mean_std(vals)
         v_mean, v_std = _mean_std([scale * r["val"][val_metric] for r in found if val_metric in r.get("val", {})] or [0.0])
+        train = [r["train_loss"] for r in found]
+        train_loss = f"{statistics.mean(train):.3f}" if None not in train else "?"
         facts = found[0]
         mflops = (f"{2 * facts['macs_dense'] / 1e6:.2f} | {2 * facts['macs_sparse'] / 1e6:.2f}"
                   if "macs_dense" in facts else "? | ?")
@@ -272,7 +289,7 @@ def report(task: str) -> str:
             sparsity += f" (sum: {1 - statistics.mean(r['parallel_union_density'] for r in found):.3f})"
         d = 2 if scale != 1.0 else 3  # accuracy in % to 0.01; perplexity to 0.001
         lines.append(f"| {name} | {len(vals)} | {mean:.{d}f} ± {std:.{d}f} | {' / '.join(f'{v:.{d}f}' for v in vals)} | "
-                     f"{v_mean:.{d}f} ± {v_std:.{d}f} | {sparsity} | {params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
+                     f"{v_mean:.{d}f} ± {v_std:.{d}f} | {train_loss} | {sparsity} | {params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
     _plot(task, rows, metric)
     _plot_curves(task, rows)
     return "\n".join(lines)

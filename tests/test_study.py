@@ -68,7 +68,7 @@ def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     dense = json.loads((tmp_path / "study_lm" / "dense_seed0" / "result.json").read_text())
     sparse = json.loads((tmp_path / "study_lm" / "sparse_parallel_0.5_seed0" / "result.json").read_text())
-    assert dense["steps"] == sparse["steps"] == 4 and dense["test"]["test/ppl"] > 1 and dense["val"]["val/ppl"] > 1
+    assert dense["steps"] == sparse["steps"] == 4 and dense["test"]["test/ppl"] > 1 and dense["val"]["val/ppl"] > 1 and dense["train_loss"] > 0
     assert dense["macs_dense"] == dense["macs_sparse"] and dense["train_flops"] is None
     # equal forward FLOPs by construction; the Parallel model holds more (masked) parameters
     assert sparse["macs_sparse"] == pytest.approx(dense["macs_dense"], rel=0.01)
@@ -77,7 +77,7 @@ def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path
     # two branches at density 0.5 sum to one kernel of density between 0.5 (same masks) and 1 (disjoint)
     assert 0.5 <= sparse["parallel_union_density"] <= 1.0 and "parallel_union_density" not in dense
     md = (tmp_path / "study_lm.md").read_text()
-    assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md and "final val/ppl" in md and "s in sparse layers" in md
+    assert "| dense | 1 |" in md and "| sparse_parallel_0.5 | 1 |" in md and "fwd MFLOPs sparse" in md and "final val/ppl" in md and "s in sparse layers" in md and "train loss" in md
     (tmp_path / "study_lm.md").write_text(md + "hand-written notes\n")
     assert (tmp_path / "study_lm.png").stat().st_size > 0 and (tmp_path / "study_lm_curves.png").stat().st_size > 0
     again = _study(tmp_path, *tiny)  # finished runs are skipped, notes below the marker survive
