@@ -63,7 +63,7 @@ def _study(results: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path) -> None:
     tiny = ["--only", "dense", "sparse_parallel_0.5", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
             "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--data.root", str(tmp_path / "data"),
-            "--data.batch_size", "4"]
+            "--data.batch_size", "4", "--trainer.log_every_n_steps", "1"]
     proc = _study(tmp_path, *tiny)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dense = json.loads((tmp_path / "study_lm" / "dense_seed0" / "result.json").read_text())
