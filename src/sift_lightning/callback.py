@@ -370,7 +370,8 @@ class SparsityCallback(pl.Callback):
     def _stop_recording(self) -> None:
         if self._recorder is not None and self._measured is None:
             self._recorder.__exit__()
-            self._measured = (self._recorder.dense_macs, self._recorder.sparse_macs)
+            report = self._recorder.report()
+            self._measured = (report.dense_macs, report.sparse_macs)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -152,13 +152,9 @@ class LayerRecorder:
             self.other_macs = max(0, self._counter.get_total_flops() // 2 - sum(r.dense_macs for r in self.rows))
             self._counter = None
 
-    @property
-    def dense_macs(self) -> int:
-        return sum(r.dense_macs for r in self.rows) + self.other_macs
-
-    @property
-    def sparse_macs(self) -> float:
-        return sum(r.sparse_macs for r in self.rows) + self.other_macs
+    def report(self) -> FlopReport:
+        """What was recorded, as a ``FlopReport`` (without parameter counts)."""
+        return FlopReport(layers=self.rows, other_macs=self.other_macs)
 
 
 @torch.no_grad()
@@ -177,7 +173,7 @@ def count_flops(model: nn.Module, example_input: Any) -> FlopReport:
             _run(model, example_input)
     finally:
         model.train(was_training)
-    report = FlopReport(layers=rec.rows, other_macs=rec.other_macs)
+    report = rec.report()
     report.params, report.active_params = _param_counts(model)
     return report
 
