@@ -64,6 +64,7 @@ STUDIES = {
                 ("dense", ["--sift.transform", "dense"]),
                 ("dense_width11", ["--sift.transform", "dense", "--model.backbone_kwargs.width", "11"]),
                 ("sparse_wide_0.5", _sparse("sparse_wide", 0.5)),
+                ("sparse_wide_0.75", _sparse("sparse_wide", 0.75)),
                 ("sparse_parallel_0.5", _sparse("sparse_parallel", 0.5)),
             )},
         },
