@@ -150,12 +150,13 @@ def run_one(task: str, name: str, seed: int, extra: list[str]) -> dict | None:
               "--sift.seed", str(seed), "--trainer.logger.init_args.save_dir", str(out),
               "--trainer.logger.init_args.version", "v0", *extra]
     last = out / "fit" / "v0" / "checkpoints" / "last.ckpt"
+    resumed = last.exists()
     start = time.time()
     _sift_fit("fit", *common, "--trainer.logger.init_args.name", "fit",
               *(["--ckpt_path", str(last)] if last.exists() else []))
     fit_s = time.time() - start
     _sift_fit("test", *common, "--trainer.logger.init_args.name", "test", "--ckpt_path", str(last))
-    result = {"name": name, "seed": seed, "fit_seconds": round(fit_s, 1), "threads": _threads(),
+    result = {"name": name, "seed": seed, "fit_seconds": round(fit_s, 1), "resumed": resumed, "threads": _threads(),
               "test": _scalars(out / "test" / "v0", "test/"), "val": _scalars(out / "fit" / "v0", "val/"),
               "train_loss": _train_loss(out / "fit" / "v0"),
               **_model_facts(task, last)}
@@ -288,9 +289,12 @@ def report(task: str) -> str:
         sparsity = f"{facts['sparsity']:.3f}" if "sparsity" in facts else "?"
         if "parallel_union_density" in facts:  # what the summed branches amount to
             sparsity += f" (sum: {1 - statistics.mean(r['parallel_union_density'] for r in found):.3f})"
+        # a run resumed after an interruption timed only its last process: not comparable
+        timed = [r["fit_seconds"] for r in found if not r.get("resumed")]
+        fit_time = f"{statistics.mean(timed):.0f}" if timed else "(resumed)"
         d = 2 if scale != 1.0 else 3  # accuracy in % to 0.01; perplexity to 0.001
         lines.append(f"| {name} | {len(vals)} | {mean:.{d}f} ± {std:.{d}f} | {' / '.join(f'{v:.{d}f}' for v in vals)} | "
-                     f"{v_mean:.{d}f} ± {v_std:.{d}f} | {train_loss} | {sparsity} | {params} | {mflops} | {statistics.mean(r['fit_seconds'] for r in found):.0f} |")
+                     f"{v_mean:.{d}f} ± {v_std:.{d}f} | {train_loss} | {sparsity} | {params} | {mflops} | {fit_time} |")
     _plot(task, rows, metric)
     _plot_curves(task, rows)
     return "\n".join(lines)

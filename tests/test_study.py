@@ -84,6 +84,24 @@ def test_a_tiny_study_runs_fits_tests_reports_and_skips_when_done(tmp_path: Path
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Seed set" not in again.stderr and "hand-written notes" in (tmp_path / "study_lm.md").read_text()
     assert json.loads((tmp_path / "study_lm" / "dense_seed0" / "result.json").read_text()) == dense
+    assert dense["resumed"] is False and "(resumed)" not in md
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    tiny = ["--only", "dense", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+            "--data.root", str(tmp_path / "data"), "--data.batch_size", "4", "--trainer.log_every_n_steps", "1"]
+    first = _study(tmp_path, *tiny, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "study_lm" / "dense_seed0"
+    (run / "result.json").unlink()  # as if the worker had died after its last checkpoint
+    (run / "claim.pid").write_text("999999999")  # ... leaving its claim behind
+    again = _study(tmp_path, *tiny, "--trainer.max_steps", "5", "--trainer.val_check_interval", "5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in again.stderr
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 5 and result["resumed"] is True and not (run / "claim.pid").exists()
+    # its fit time covers the last process only, so the report does not average it in
+    assert "| dense | 1 |" in (tmp_path / "study_lm.md").read_text() and "| (resumed) |" in (tmp_path / "study_lm.md").read_text()
 
 
 def test_unknown_run_names_fail_in_one_line(tmp_path: Path) -> None:
