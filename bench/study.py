@@ -32,6 +32,7 @@ RIGL = ["--sift.algorithm", "rigl", "--sift.update_frequency", "100", "--sift.ma
 INIT_SCALE = ["--sift.sparse_init_scale", "true"]
 LONG = ["--trainer.max_steps", "9000"]  # 3x the LM schedule (bench/configs/study_lm.yaml: 3,000 steps)
 VISION_LONG = ["--trainer.max_epochs", "12"]
+VISION_NARROW = ["--model.backbone_kwargs.width", "4"]  # half the study's width 8
 FAMILIES = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
 
 
@@ -63,6 +64,14 @@ STUDIES = {
             **{f"long_{name}": [*args, *VISION_LONG] for name, args in (
                 ("dense", ["--sift.transform", "dense"]),
                 ("dense_width11", ["--sift.transform", "dense", "--model.backbone_kwargs.width", "11"]),
+                ("sparse_wide_0.5", _sparse("sparse_wide", 0.5)),
+                ("sparse_wide_0.75", _sparse("sparse_wide", 0.75)),
+                ("sparse_parallel_0.5", _sparse("sparse_parallel", 0.5)),
+            )},
+            # the capacity question: a model half as wide, where width buys more. Its Sparse Wide
+            # s=0.75 (k=2) has the shape of the main dense model, its unmasked capacity control.
+            **{f"narrow_{name}": [*args, *VISION_NARROW] for name, args in (
+                ("dense", ["--sift.transform", "dense"]),
                 ("sparse_wide_0.5", _sparse("sparse_wide", 0.5)),
                 ("sparse_wide_0.75", _sparse("sparse_wide", 0.75)),
                 ("sparse_parallel_0.5", _sparse("sparse_parallel", 0.5)),
@@ -368,13 +377,14 @@ def _curve(task: str, name: str, seed: int, tag: str) -> dict[int, float]:
 
 
 def _plot_curves(task: str, rows: dict) -> None:
-    """Validation curves, mean over seeds: the main runs, and the longer-schedule runs beside them."""
+    """Validation curves, mean over seeds: the main runs, and the longer-schedule and half-width runs beside them."""
     plt = _pyplot()
     if plt is None:
         return
     tag = STUDIES[task]["curve"]
-    groups = {"main runs": [n for n in rows if not n.startswith("long_")],
-              "longer schedule": [n for n in rows if n.startswith("long_")]}
+    panels = {"long_": "longer schedule", "narrow_": "half-width model"}
+    groups = {"main runs": [n for n in rows if not n.startswith(tuple(panels))],
+              **{title: [n for n in rows if n.startswith(prefix)] for prefix, title in panels.items()}}
     groups = {title: names for title, names in groups.items() if names}
     fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
     for ax, (title, names) in zip(axes[0], groups.items()):
