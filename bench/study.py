@@ -325,11 +325,30 @@ def _pyplot():
 
 
 def _plot(task: str, rows: dict, metric: str) -> None:
-    """Test metric against sparsity per member (mean, error bars = std over seeds)."""
+    """Test metric against sparsity per member (mean, error bars = std over seeds).
+
+    One panel for the study's model and, when there are ``narrow_*`` runs, one for the half-width
+    model, whose unmasked capacity control is the study's own dense model.
+    """
     plt = _pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    panels = {"": {n: rs for n, rs in rows.items() if not n.startswith("narrow_")}}
+    narrow = {n[len("narrow_"):]: rs for n, rs in rows.items() if n.startswith("narrow_")}
+    if narrow:
+        if "dense" in rows:
+            narrow["dense_full_width"] = rows["dense"]
+        panels["half-width model: "] = narrow
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, panel) in zip(axes[0], panels.items()):
+        _plot_panel(ax, panel, metric)
+        ax.set_title(f"{task}: {title}Sparse-IFT at equal forward FLOPs")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"study_{task}.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_panel(ax, rows: dict, metric: str) -> None:
     dense = rows.get("dense")
     if dense:
         mean, std = _mean_std([r["test"][metric] for r in dense])
@@ -364,11 +383,7 @@ def _plot(task: str, rows: dict, metric: str) -> None:
                                     label=None if label in ax.get_legend_handles_labels()[1] else label)
     ax.set_xlabel("sparsity s")
     ax.set_ylabel(metric)
-    ax.set_title(f"{task}: Sparse-IFT at equal forward FLOPs")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"study_{task}.png", dpi=120)
-    plt.close(fig)
 
 
 def _curve(task: str, name: str, seed: int, tag: str) -> dict[int, float]:

@@ -107,3 +107,20 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> 
 def test_unknown_run_names_fail_in_one_line(tmp_path: Path) -> None:
     proc = _study(tmp_path, "--only", "sparse_wide_0.6")
     assert proc.returncode == 2 and "unknown run name(s) ['sparse_wide_0.6']; valid for lm:" in proc.stderr
+
+
+def test_the_sparsity_plot_gives_the_half_width_runs_their_own_panel(study, tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    def run(acc: float, macs: float) -> dict:
+        return {"seed": 0, "test": {"test/acc1": acc}, "macs_dense": macs}
+
+    rows = {"dense": [run(0.91, 2.0)], "sparse_wide_0.5": [run(0.915, 4.0)], "dense_width11": [run(0.916, 4.0)]}
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    study._plot("vision", rows, "test/acc1")
+    one = Image.open(tmp_path / "study_vision.png").size
+    rows |= {"narrow_dense": [run(0.89, 1.0)], "narrow_sparse_wide_0.75": [run(0.90, 4.0)]}
+    study._plot("vision", rows, "test/acc1")
+    two = Image.open(tmp_path / "study_vision.png").size
+    assert two[0] == 2 * one[0] and two[1] == one[1]
