@@ -8,6 +8,10 @@ Every run is ``sift-fit fit`` then ``sift-fit test`` on the same config with ``-
 overrides, so the study exercises exactly what users run. A run whose result file exists is
 skipped; a run that was interrupted resumes from its ``last.ckpt``. Results land in
 ``docs/results/study_<task>/`` (one JSON per run) and the report in ``docs/results/study_<task>.md``.
+
+Several workers can share a study: each claims a run before it starts it, so on 2 cores
+``OMP_NUM_THREADS=1 python bench/study.py vision &`` twice runs two at a time (how the recorded
+results were made).
 """
 
 from __future__ import annotations
