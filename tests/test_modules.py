@@ -141,3 +141,22 @@ def test_logged_flops_count_attention_like_count_flops(family, tmp_path):
     assert per_sample["sift/flops_per_sample_dense"] == 2 * report.dense_macs
     assert per_sample["sift/flops_per_sample_sparse"] == pytest.approx(2 * report.sparse_macs, rel=1e-9)
     assert cb.train_flops == pytest.approx(2 * 8 * 3 * 2 * report.sparse_macs, rel=1e-9)  # 2 steps of 8 samples
+
+
+def test_a_failing_first_step_leaves_no_flop_counter_or_hooks_behind(tmp_path):
+    """The FLOP recorder spans the first forward pass; if that step raises, the callback closes it."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    class Failing(LanguageModel):
+        def training_step(self, batch, batch_idx):
+            super().training_step(batch, batch_idx)  # the forward pass runs under the recorder
+            raise RuntimeError("boom")
+
+    module = Failing("gpt_tiny", block_size=64, optim=OptimConfig(name="adamw", lr=1e-3))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         callbacks=[SparsityCallback(0.5, algorithm="static")], default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, _text_data())
+    assert _get_current_dispatch_mode() is None
+    assert not [m for m in module.modules() if m._forward_hooks]

@@ -158,7 +158,6 @@ class SparsityCallback(pl.Callback):
         self._end_step = 0
         self._fwd: tuple[float, float] | None = None  # per-sample forward MACs (dense, sparse)
         self._recorder: LayerRecorder | None = None
-        self._measured: tuple[float, float] | None = None  # the recorded pass's MACs (dense, sparse)
         self._last_update: dict[str, float] = {}
         self._log_now = False
         self._dense_grad_due = False
@@ -236,6 +235,15 @@ class SparsityCallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_load_hook()
+        self._close_recorder()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_recorder()  # a failed first step must not leave its FlopCounterMode on the dispatch stack
+
+    def _close_recorder(self) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__()
+            self._recorder = None
 
     def _check_checkpoint(self, path: str, pl_module: nn.Module) -> None:
         """Fail early, in one line, when a checkpoint's masks do not fit this model."""
@@ -365,13 +373,8 @@ class SparsityCallback(pl.Callback):
             self._recorder = LayerRecorder(pl_module).__enter__()  # measure one real forward pass
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        self._stop_recording()  # the forward pass only: attention's backward must not count as forward
-
-    def _stop_recording(self) -> None:
-        if self._recorder is not None and self._measured is None:
+        if self._recorder is not None:  # the forward pass only: attention's backward must not count as forward
             self._recorder.__exit__()
-            report = self._recorder.report()
-            self._measured = (report.dense_macs, report.sparse_macs)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -380,9 +383,9 @@ class SparsityCallback(pl.Callback):
         per_rank = extract_batch_size(batch)
         samples = per_rank * trainer.world_size
         if self._recorder is not None:
-            self._stop_recording()
-            (dense, sparse), self._recorder, self._measured = self._measured, None, None
-            self._fwd = (dense / per_rank, sparse / per_rank)
+            self._recorder.__exit__()  # a no-op when on_before_backward closed it
+            report, self._recorder = self._recorder.report(), None
+            self._fwd = (report.dense_macs / per_rank, report.sparse_macs / per_rank)
         self._step_samples = samples * trainer.accumulate_grad_batches
         self.train_flops += 3 * 2 * self._fwd[1] * samples  # forward + backward ~= 3 forward passes
         if self._dense_grad_due:

@@ -143,7 +143,7 @@ class LayerRecorder:
         self._counter.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:  # idempotent: a second exit keeps what the first recorded
         for h in self._handles:
             h.remove()
         self._handles = []
