@@ -80,7 +80,7 @@ SPARSITY = 0.5
 SEED = 0
 VARIANTS = ("baseline", "static", "rigl")
 MODELS = ("resnet18_w16", "gpt_tiny")
-HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "_after_step", "on_train_batch_end")
+HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "_after_step", "on_train_batch_end")
 AMORTISE = 100  # RigL's update frequency in the paper
 
 
