@@ -44,6 +44,11 @@ def _sparse(fam: str, s: float, *more: str) -> list[str]:
     return ["--sift.transform", fam, "--sift.sparsity", str(s), *RIGL, *more]
 
 
+def _static(fam: str, s: float) -> list[str]:
+    """The same member with its random initial masks kept: what dynamic masks add."""
+    return ["--sift.transform", fam, "--sift.sparsity", str(s), "--sift.algorithm", "static", "--sift.match_flops", "true"]
+
+
 # Unmasked control: the dense model at Sparse Wide s=0.5's nominal width (about 2x the FLOPs). If
 # even this does not beat the narrow dense model, no iso-FLOP sparse variant of it can be expected to.
 _GPT_WIDE = '{"vocab_size": 256, "block_size": 128, "n_layer": 2, "n_head": 4, "d_model": 92}'
@@ -58,8 +63,7 @@ STUDIES = {
             **{f"{fam}_0.5": _sparse(fam, 0.5) for fam in FAMILIES},
             **{f"{fam}_0.75": _sparse(fam, 0.75) for fam in ("sparse_wide", "sparse_parallel")},
             "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
-            "sparse_wide_0.5_static": ["--sift.transform", "sparse_wide", "--sift.sparsity", "0.5",
-                                       "--sift.algorithm", "static", "--sift.match_flops", "true"],
+            "sparse_wide_0.5_static": _static("sparse_wide", 0.5),
             "dense_width11": ["--sift.transform", "dense", "--model.backbone_kwargs.width", "11"],
         },
         "extra": {
@@ -79,8 +83,7 @@ STUDIES = {
                 ("sparse_wide_0.5", _sparse("sparse_wide", 0.5)),
                 ("sparse_wide_0.75", _sparse("sparse_wide", 0.75)),
                 ("sparse_wide_0.9", _sparse("sparse_wide", 0.9)),
-                ("sparse_wide_0.75_static", ["--sift.transform", "sparse_wide", "--sift.sparsity", "0.75",
-                                             "--sift.algorithm", "static", "--sift.match_flops", "true"]),
+                ("sparse_wide_0.75_static", _static("sparse_wide", 0.75)),
                 ("sparse_parallel_0.5", _sparse("sparse_parallel", 0.5)),
             )},
         },
