@@ -134,8 +134,8 @@ def test_plain_sparse_layers_just_lose_their_masks():
 def test_fold_refuses_sparse_wide():
     model = transform(create_backbone("resnet18", 10, cifar_stem=True, channels=(8, 16, 32, 64)), "sparse_wide", 0.5)
     with pytest.raises(ValueError, match="Wide.*wider than the original.*sparse_export"):
-        fold(model, family="sparse_wide")
-    model.sift_family = "sparse_wide"  # what transform() records
+        fold(model, member="sparse_wide")
+    model.sift_member = "sparse_wide"  # what transform() records
     with pytest.raises(ValueError, match="wider than the original"):
         fold(model)
 
@@ -149,9 +149,9 @@ def test_fold_refuses_factorized_with_a_nonlinearity(conv):
         fold(model)
 
 
-def test_fold_rejects_unknown_family():
-    with pytest.raises(ValueError, match="unknown family 'sparse_deep'"):
-        fold(nn.Linear(2, 2), family="sparse_deep")
+def test_fold_rejects_unknown_member():
+    with pytest.raises(ValueError, match="unknown member 'sparse_deep'; valid: dense, sparse_wide"):
+        fold(nn.Linear(2, 2), member="sparse_deep")
 
 
 # ---------------------------------------------------------------- fold: back to the plain timm / GPT model

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sift_lightning import FAMILIES, create_backbone, transform
+from sift_lightning import create_backbone, transform
+import sift_lightning.transforms as transforms
 from transform_models import MEMBERS, user_cnn
 
 
@@ -16,11 +17,12 @@ def test_bad_sparsity(family, sparsity):
     assert not any(hasattr(m, "sift_sparsity") for m in model.modules())  # nothing half-done
 
 
-def test_unknown_family_lists_all_families():
-    with pytest.raises(ValueError, match="unknown Sparse-IFT family 'sparse_magic'") as info:
+def test_unknown_member_lists_all_members():
+    with pytest.raises(ValueError, match="unknown Sparse-IFT member 'sparse_magic'") as info:
         transform(user_cnn(), "sparse_magic", 0.5)
-    for family in FAMILIES:
-        assert family in str(info.value)
+    for member in transforms.MEMBERS:
+        assert member in str(info.value)
+    assert transforms.MEMBERS == transforms.FAMILIES == ("dense", "sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
 
 
 @pytest.mark.parametrize(

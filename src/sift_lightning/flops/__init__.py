@@ -157,9 +157,13 @@ class LayerRecorder:
         return FlopReport(layers=self.rows, other_macs=self.other_macs)
 
 
-@torch.no_grad()
 def count_flops(model: nn.Module, example_input: Any) -> FlopReport:
     """Count one forward pass of ``model`` on ``example_input`` (run in eval mode, restored after).
+
+    Runs with gradients enabled but every parameter's ``requires_grad`` off (restored after): no
+    graph is kept, and torch's FLOP counter, which tracks modules through autograd hooks, never
+    meets a tensor that requires grad without a gradient function (views of parameters made under
+    ``no_grad``, as in CaiT and PiT, crash it). Works whether or not the caller is in ``no_grad``.
 
     Args:
         model: any module; works on the ``meta`` device too (shapes only, no arithmetic).
@@ -167,11 +171,16 @@ def count_flops(model: nn.Module, example_input: Any) -> FlopReport:
             MACs are for this input as given: pass a batch of one for per-sample figures.
     """
     was_training = model.training
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     try:
-        with LayerRecorder(model) as rec:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        with torch.enable_grad(), LayerRecorder(model) as rec:
             _run(model, example_input)
     finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
         model.train(was_training)
     report = rec.report()
     report.params, report.active_params = _param_counts(model)

@@ -1,23 +1,33 @@
-"""The Sparse-IFT family: one member per file, looked up by name."""
+"""The Sparse-IFT family: one member per file, looked up by name in the registry.
+
+``MEMBERS`` lists the registered members in registration order (``dense`` first); ``register``
+adds one under any new name. ``FAMILIES`` is the former name of ``MEMBERS``, kept as an alias.
+"""
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from sift_lightning.sparse.masks import sparse_modules
-from sift_lightning.transforms import doped, factorized, parallel, wide  # noqa: F401  registers members
-from sift_lightning.transforms._registry import FAMILIES, get_member, register
+from sift_lightning.transforms import dense, wide, parallel, factorized, doped  # noqa: F401, I001  registers, in this order
+from sift_lightning.transforms._registry import get_member, member_names, register
 
-__all__ = ["FAMILIES", "check_sparsity", "match_flop_budget", "transform"]
+__all__ = ["FAMILIES", "MEMBERS", "check_sparsity", "match_flop_budget", "register", "transform"]
+
+_SELECT = ("include", "exclude", "keep_ends_dense", "match_flops")
+_ISO_TOLERANCE = 0.02  # the whole-model iso-FLOP bar (DESIGN.md section 1)
 
 
-@register("dense")
-def _dense(model: nn.Module, sparsity: float, **select: Any) -> nn.Module:
-    return model
+def __getattr__(name: str) -> tuple[str, ...]:
+    # read from the registry on every access, so a member registered later is listed too
+    if name in ("MEMBERS", "FAMILIES"):
+        return member_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_sparsity(sparsity: Any, name: str = "sparsity") -> float:
@@ -27,70 +37,115 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> float:
     return float(sparsity)
 
 
-def _check_options(family: str, options: dict[str, Any]) -> None:
-    member = get_member(family)
-    valid = [p for p, v in inspect.signature(member).parameters.items() if v.kind is v.KEYWORD_ONLY]
+def _member_options(member: str) -> list[str]:
+    params = inspect.signature(get_member(member)).parameters.items()
+    return [p for p, v in params if v.kind is v.KEYWORD_ONLY and p != "example_input"]
+
+
+def _check_options(member: str, options: dict[str, Any]) -> None:
+    valid = _member_options(member)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
-            f"{family} does not take option(s) {', '.join(unknown)}; valid: "
-            f"{', '.join(valid + ['include', 'exclude', 'keep_ends_dense', 'match_flops']) }"
+            f"{member} does not take option(s) {', '.join(unknown)}; valid: {', '.join(valid + list(_SELECT))}"
         )
 
 
 def transform(
     model: nn.Module,
-    family: str,
+    member: str,
     sparsity: float,
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     keep_ends_dense: bool = True,
-    match_flops: bool = False,
+    match_flops: bool | None = None,
     example_input: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Apply a Sparse-IFT member and return the transformed model.
 
     Parallel, Factorized and Doped replace layers of ``model`` in place (shapes, device and dtype
-    kept); Sparse Wide returns a new, wider model. ``dense`` returns ``model`` unchanged.
+    kept); Sparse Wide returns a new, wider model. ``dense`` returns ``model`` unchanged. A model the
+    member cannot transform faithfully raises one ValueError naming the layer and the reason, before
+    ``model`` is touched.
 
     Args:
         model: the dense model.
-        family: one of ``FAMILIES``.
+        member: one of ``MEMBERS``.
         sparsity: s in (0, 1); every member's size rule follows from it.
         include: fnmatch patterns of layer names to transform (default: every Conv2d/Linear).
         exclude: patterns of layer names to keep dense, on top of the defaults.
         keep_ends_dense: keep the first and last layer (or the model's ``sift_dense_layers``) dense.
         match_flops: after building the structure for ``s``, retune the sparsity of every sparse
             layer so the model's sparse MACs equal the dense model's on ``example_input`` (the
-            official code's ``flop_budget`` search, solved in closed form).
-        example_input: input for ``match_flops``.
+            official code's ``flop_budget`` search, solved in closed form). Default (``None``): on
+            for ``sparse_wide`` when ``example_input`` is given -- its dense stem, classifier and
+            depthwise convs grow with the width, +3% to +12% MACs on timm CNNs at 224 px -- off
+            otherwise. Without an input, Sparse Wide warns when it measures more than 2% over budget
+            at timm's configured input size.
+        example_input: one input batch, for ``match_flops`` (and Sparse Wide's shape check).
         **options: member options (e.g. ``branch_norm`` for Parallel, ``linear_act`` for Factorized).
 
     Raises:
-        ValueError: unknown family or option, sparsity outside (0, 1), or a model the member
-            cannot transform; the message lists the valid choices.
+        ValueError: unknown member or option, sparsity outside (0, 1), or a model the member
+            cannot transform; the message lists the valid choices or names the layer.
     """
-    member = get_member(family)
-    if family == "dense":
+    fn = get_member(member)
+    if member == "dense":
         return model
     sparsity = check_sparsity(sparsity)
-    _check_options(family, options)
+    _check_options(member, options)
+    if match_flops is None:
+        match_flops = member == "sparse_wide" and example_input is not None
     if match_flops and example_input is None:
         raise ValueError("match_flops=True needs example_input (e.g. torch.zeros(1, 3, 32, 32))")
     budget = count_dense(model, example_input) if match_flops else None
-    out = member(model, sparsity, include=include, exclude=exclude, keep_ends_dense=keep_ends_dense, **options)
-    out.sift_family = family  # fold() must tell Sparse Wide apart from plain sparse layers
+    if "example_input" in inspect.signature(fn).parameters:
+        options["example_input"] = example_input
+    out = fn(model, sparsity, include=include, exclude=exclude, keep_ends_dense=keep_ends_dense, **options)
+    out.sift_member = member  # fold() must tell Sparse Wide apart from plain sparse layers
+    out.sift_family = member  # the former name, read by code outside transforms/ until it switches over
     if budget is not None:
         match_flop_budget(out, example_input, budget)
+    elif member == "sparse_wide" and example_input is None:
+        _warn_over_budget(model, out)
     return out
 
 
+def _warn_over_budget(dense_model: nn.Module, wide_model: nn.Module) -> None:
+    """Warn when Sparse Wide's dense parts push it over the budget at timm's configured input size."""
+    from sift_lightning.transforms._probe import meta_copy
+    from sift_lightning.transforms.wide import _probe_input
+
+    x = _probe_input(dense_model, None)
+    try:
+        budget = count_dense(meta_copy(dense_model), x)
+        from sift_lightning.flops import count_flops
+
+        cost = count_flops(meta_copy(wide_model), x).sparse_macs
+    except Exception:  # noqa: BLE001  a model that cannot run on meta: nothing to measure, nothing to say
+        return
+    if budget and cost > budget * (1 + _ISO_TOLERANCE):
+        warnings.warn(
+            f"sparse_wide: the widened model costs {cost / budget - 1:+.1%} MACs over the dense one at a "
+            f"{tuple(x.shape)} input (the stem, classifier and depthwise/grouped convs stay dense and grow with "
+            "the width); pass example_input= (one batch) to retune the sparsity to the dense budget",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def count_dense(model: nn.Module, example_input: Any) -> int:
+    """Dense forward MACs of ``model`` on ``example_input``."""
     from sift_lightning.flops import count_flops
 
     return count_flops(model, example_input).dense_macs
+
+
+def _largest_dense(report: Any, n: int = 3) -> str:
+    rows = sorted((r for r in report.layers if r.density >= 1.0), key=lambda r: -r.dense_macs)[:n]
+    return ", ".join(f"{r.name} {r.dense_macs:,}" for r in rows)
 
 
 def match_flop_budget(model: nn.Module, example_input: Any, budget: float) -> float:
@@ -104,9 +159,13 @@ def match_flop_budget(model: nn.Module, example_input: Any, budget: float) -> fl
     report = count_flops(model, example_input)
     sparse_part = report.sparse_layer_macs
     fixed = report.dense_macs - sparse_part
-    s = 1.0 - (budget - fixed) / sparse_part
+    s = 1.0 - (budget - fixed) / sparse_part if sparse_part else -1.0
     if not 0.0 < s < 1.0:
-        raise ValueError(f"cannot meet a budget of {budget:,.0f} MACs: it needs sparsity {s:.4f}; choose another sparsity or turn match_flops off")
+        raise ValueError(
+            f"cannot meet a budget of {budget:,.0f} MACs: the layers that stay dense cost {fixed:,.0f} "
+            f"(largest: {_largest_dense(report)}) and the budget needs sparsity {s:.4f}; choose another sparsity, "
+            "keep fewer layers dense or turn match_flops off"
+        )
     for _, module in sparse_modules(model):
         module.sift_sparsity = {k: s for k in module.sift_sparsity}
     return s

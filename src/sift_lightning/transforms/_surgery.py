@@ -9,14 +9,32 @@ dense instead (the GPT keeps ``lm_head`` dense but transforms its first Linear, 
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import re
+import textwrap
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import SparseOwner
 
-__all__ = ["assert_no_sparse_layers", "candidate_layers", "is_candidate", "keep_zero_init", "replace_module"]
+__all__ = [
+    "assert_no_sparse_layers",
+    "candidate_layers",
+    "check_weight_readers",
+    "following_norm",
+    "is_candidate",
+    "keep_zero_init",
+    "replace_module",
+    "uses_raw_weight",
+]
+
+# Subclasses whose forward differs from Conv2d's but still convolves with the raw ``weight``
+# (timm's "same" padding pads the input first). Anything else that overrides forward may compute
+# an effective kernel (weight standardisation), which a mask on ``weight`` would not make sparse.
+RAW_WEIGHT_SUBCLASSES = ("timm.layers.conv2d_same.Conv2dSame",)
 
 
 def is_candidate(module: nn.Module) -> bool:
@@ -24,6 +42,56 @@ def is_candidate(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.groups == 1
     return isinstance(module, nn.Linear)
+
+
+def uses_raw_weight(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes with its raw ``weight`` parameter, so a mask on it is real."""
+    base = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    cls = type(layer)
+    return cls.forward is base.forward or f"{cls.__module__}.{cls.__qualname__}" in RAW_WEIGHT_SUBCLASSES
+
+
+def _check_raw_weights(layers: list[tuple[str, nn.Module]], who: str) -> None:
+    for name, layer in layers:
+        if not uses_raw_weight(layer):
+            raise ValueError(
+                f"{who} cannot make {name} sparse: it is a {type(layer).__name__}, whose forward computes its "
+                "kernel from the weight (weight standardisation or similar), so a mask on the weight would not "
+                f"make the computed kernel sparse; exclude it (exclude=['{name}']) or use a model of plain convs"
+            )
+
+
+@lru_cache(maxsize=None)
+def _forward_source(cls: type) -> str:
+    """Source of ``cls.forward`` and of the methods of ``cls`` it calls (one level), or ''."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError):
+        return ""
+    for called in set(re.findall(r"self\.(\w+)\(", src)):
+        fn = getattr(cls, called, None)
+        if inspect.isfunction(fn):
+            try:
+                src += "\n" + inspect.getsource(fn)
+            except (OSError, TypeError):
+                pass
+    return src
+
+
+def check_weight_readers(model: nn.Module, layers: list[tuple[str, nn.Module]], who: str) -> None:
+    """Refuse layers whose parent's forward reads their ``.weight``/``.bias`` directly.
+
+    Replacing such a layer by a module without that parameter would crash the parent (EdgeNeXt's
+    positional encoding reads ``token_projection.weight.dtype``) or, worse, compute with a stale one.
+    """
+    for name, _ in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if re.search(rf"self\.{re.escape(child)}\.(weight|bias)\b", _forward_source(type(parent))):
+            raise ValueError(
+                f"{who} cannot replace {name}: {type(parent).__name__}.forward reads {child}.weight/.bias directly, "
+                f"which the replacing module does not have; exclude it (exclude=['{name}']) or use sparse_wide"
+            )
 
 
 def _declared_dense(model: nn.Module) -> list[str] | None:
@@ -65,6 +133,7 @@ def candidate_layers(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     keep_ends_dense: bool = True,
+    who: str = "this member",
 ) -> list[tuple[str, nn.Module]]:
     """The layers a transformation should replace, in registration order.
 
@@ -74,9 +143,11 @@ def candidate_layers(
         exclude: fnmatch patterns of module names that stay dense (added to the defaults).
         keep_ends_dense: keep the first and last candidate dense, or what the model declares in
             ``sift_dense_layers``.
+        who: the member asking, for error messages.
 
     Raises:
-        ValueError: when the model already owns sparse parameters, or nothing is left to replace.
+        ValueError: when the model already owns sparse parameters, nothing is left to replace, or a
+            chosen layer computes with something other than its raw weight (weight standardisation).
     """
     assert_no_sparse_layers(model)
     layers = [(n, m) for n, m in model.named_modules() if is_candidate(m)]
@@ -98,6 +169,7 @@ def candidate_layers(
             f"no Conv2d/Linear layer left to make sparse (layers found: {names}); "
             "check include/exclude patterns or pass keep_ends_dense=False"
         )
+    _check_raw_weights(chosen, who)
     return chosen
 
 
@@ -108,12 +180,21 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def following_batchnorm(model: nn.Module, name: str) -> tuple[str, nn.BatchNorm2d] | None:
-    """The plain BatchNorm2d registered right after conv ``name`` in the same parent, if any.
+def _channels(norm: nn.Module) -> int | None:
+    """Per-channel width of a norm that can sit after a conv (BatchNorm family, GroupNorm family)."""
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return norm.num_features
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_channels
+    return None
 
-    timm, torchvision and most CNNs register a conv's norm right after it (conv1, bn1). Norms that
-    carry their own activation (timm's BatchNormAct2d) are not paired: summing activated branches
-    would change the block.
+
+def following_norm(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """The norm registered right after conv ``name`` in the same parent, if its width matches.
+
+    timm, torchvision and most CNNs register a conv's norm right after it (``conv1, bn1``; timm's
+    ``ConvNormAct`` holds ``conv, bn``). Norms of the BatchNorm and GroupNorm families count, timm's
+    norm-act layers (``BatchNormAct2d``, ``GroupNormAct``: norm, then drop and activation) included.
     """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -122,8 +203,8 @@ def following_batchnorm(model: nn.Module, name: str) -> tuple[str, nn.BatchNorm2
     i = keys.index(child)
     if i + 1 >= len(children):
         return None
-    bn_name, bn = children[i + 1]
+    norm_name, norm = children[i + 1]
     conv = children[i][1]
-    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and bn.num_features == conv.out_channels:
-        return (f"{parent_name}.{bn_name}" if parent_name else bn_name), bn
+    if _channels(norm) == conv.out_channels and set(dict(norm.named_children())) <= {"act", "drop"}:
+        return (f"{parent_name}.{norm_name}" if parent_name else norm_name), norm
     return None

@@ -5,6 +5,8 @@ and the dense rank-r path ``r (d_in + d_out)``; they sum to ``d_in d_out`` when
 ``r = floor(s d_in d_out / (d_in + d_out))``. Only ``W_sparse`` is sparse; U and V stay dense and
 have no nonlinearity between them, so the layer folds back to one dense layer for inference.
 Conv form: U is a KxK conv ``c_in -> r`` with the original stride/padding, V a 1x1 conv ``r -> c_out``.
+For inference ``SparseDoped.fold`` adds ``V U`` (one KxK conv, ``W_uv[o, i] = sum_r V[o, r] U[r, i]``)
+to the masked ``W_sparse``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
+from sift_lightning.transforms._fold import compose, dense_like, layer_bias, masked_weight
 from sift_lightning.transforms._registry import register
-from sift_lightning.transforms._surgery import candidate_layers, replace_module
+from sift_lightning.transforms._surgery import candidate_layers, check_weight_readers, replace_module
 from sift_lightning.transforms.factorized import factor_pair, layer_dims
 
 __all__ = ["SparseDoped", "doped_rank", "sparse_doped"]
@@ -40,6 +43,16 @@ class SparseDoped(nn.Module):
             out = out + self.v(self.u(x))
         return out
 
+    def fold(self) -> nn.Module:
+        """One layer of the original shape computing ``W_sparse x + V(U(x))`` (exact up to float64 rounding)."""
+        sparse = self.sparse
+        weight, bias = masked_weight(sparse), layer_bias(sparse, sparse.weight.shape[0])
+        if self.u is not None:
+            w_uv, b_uv = compose(self.u, self.v)
+            weight, bias = weight + w_uv, bias + b_uv
+        keep_bias = sparse.bias is not None or (self.v is not None and self.v.bias is not None)
+        return dense_like(sparse, weight, bias if keep_bias else None)
+
 
 @register("sparse_doped")
 def sparse_doped(model: nn.Module, sparsity: float, **select) -> nn.Module:
@@ -50,7 +63,9 @@ def sparse_doped(model: nn.Module, sparsity: float, **select) -> nn.Module:
         sparsity: s in (0, 1).
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
-    for name, layer in candidate_layers(model, **select):
+    layers = candidate_layers(model, **select, who="sparse_doped")
+    check_weight_readers(model, layers, "sparse_doped")
+    for name, layer in layers:
         rank = doped_rank(*layer_dims(layer), sparsity)
         # the sparse layer keeps the one bias, so V has none
         u, v = factor_pair(layer, rank, v_bias=False) if rank > 0 else (None, None)

@@ -8,18 +8,25 @@ Conv form: U is a KxK conv ``c_in -> d_h`` with the original stride/padding/dila
 BatchNorm + ReLU (the official CIFAR config), then V, a 1x1 conv ``d_h -> c_out`` that keeps the
 original bias. Linear form (our choice, visible in configs): LayerNorm + GELU between U and V by
 default; ``linear_norm="none"``/``linear_act="none"`` turn them off.
+
+U keeps the original layer's class and settings (timm's "same" padding too): it is a resized copy.
+``SparseFactorized.fold`` refuses when a nonlinearity sits between U and V (``U V`` is then no
+single linear map); with only Identity/BatchNorm between them it folds like Sparse Doped's path.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
+from sift_lightning.transforms._fold import compose, dense_like, mid_affine
 from sift_lightning.transforms._registry import register
-from sift_lightning.transforms._surgery import candidate_layers, replace_module
+from sift_lightning.transforms._resize import resize_
+from sift_lightning.transforms._surgery import candidate_layers, check_weight_readers, replace_module
 
 __all__ = ["SparseFactorized", "factorized_hidden", "sparse_factorized", "layer_dims"]
 
@@ -61,6 +68,22 @@ class SparseFactorized(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.v(self.mid(self.u(x)))
 
+    def fold(self) -> nn.Module:
+        """One dense layer computing ``v(mid(u(x)))`` in eval mode, when ``mid`` is affine.
+
+        Raises:
+            ValueError: a nonlinearity sits between U and V (the default), so no single layer computes it.
+        """
+        affine = mid_affine(self.mid, self.u.weight.shape[0])
+        if affine is None:
+            between = ", ".join(type(m).__name__ for m in self.mid.modules() if not isinstance(m, nn.Sequential))
+            raise ValueError(
+                f"cannot fold Sparse Factorized: a nonlinearity sits between U and V ({between}), so U V is not "
+                "one linear map; use sift_lightning.export.sparse_export to run it with CSR weights where that is faster"
+            )
+        weight, bias = compose(self.u, self.v, *affine)
+        return dense_like(self.u, weight, bias)
+
 
 def factor_pair(layer: nn.Module, hidden: int, v_bias: bool | None = None) -> tuple[nn.Module, nn.Module]:
     """U (the original's kernel/stride/padding, no bias) and V (1x1 or Linear).
@@ -70,13 +93,11 @@ def factor_pair(layer: nn.Module, hidden: int, v_bias: bool | None = None) -> tu
     w = layer.weight
     factory = {"device": w.device, "dtype": w.dtype}
     bias = layer.bias is not None if v_bias is None else v_bias
+    u = copy.deepcopy(layer)  # the original's class and settings ("same" padding, padding_mode)
+    u.bias = None
+    resize_(u, c_out=hidden)
     if isinstance(layer, nn.Conv2d):
-        u = nn.Conv2d(
-            layer.in_channels, hidden, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, bias=False, padding_mode=layer.padding_mode, **factory,
-        )
         return u, nn.Conv2d(hidden, layer.out_channels, 1, bias=bias, **factory)
-    u = nn.Linear(layer.in_features, hidden, bias=False, **factory)
     return u, nn.Linear(hidden, layer.out_features, bias=bias, **factory)
 
 
@@ -107,7 +128,9 @@ def sparse_factorized(
     ):
         if value not in valid:
             raise ValueError(f"{arg} must be one of {valid}, got {value!r}")
-    for name, layer in candidate_layers(model, **select):
+    layers = candidate_layers(model, **select, who="sparse_factorized")
+    check_weight_readers(model, layers, "sparse_factorized")
+    for name, layer in layers:
         conv = isinstance(layer, nn.Conv2d)
         hidden = factorized_hidden(*layer_dims(layer), sparsity)
         u, v = factor_pair(layer, hidden)

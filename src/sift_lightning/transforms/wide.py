@@ -3,33 +3,45 @@ at sparsity ``s``.
 
 Size rule (iso-FLOP): a layer whose input and output widths both grow by ``k`` has ``k^2`` times
 the weights; at density ``1 - s`` it costs ``k^2 (1 - s) d_in d_out = d_in d_out`` MACs. The stem
-(input width fixed by the data) and the classifier (output fixed by the classes) stay dense, which
-is why the whole-model figure lands within a few per cent of dense rather than exactly on it.
+(input width fixed by the data), the classifier (output fixed by the classes) and depthwise or
+grouped convs stay dense and grow with the width, so the whole model lands above the dense budget;
+``transform`` retunes the sparsity to meet it whenever it has an example input (``match_flops``).
 
-Widening rebuilds the network: CNNs of Conv2d/BatchNorm2d/Linear layers (timm ResNets, basic and
-bottleneck, with or without the CIFAR stem) get every hidden width ``c`` -> ``floor(k c)`` (as the official code) with
-fresh weights; any module with a ``sift_widened(factor) -> nn.Module`` method (our GPT) widens
-itself. Anything else (attention with fixed head counts, embeddings) gets a clear error.
+Widening rebuilds the network: every hidden width ``c`` -> ``floor(k c)`` (as the official code),
+with fresh weights. Each layer is a resized copy of itself (``_resize.resize_``), so its class and
+every setting besides its widths stay: a norm-act layer's activation, "same" padding, drop path,
+the groups rule of depthwise convs. What cannot be resized (attention with fixed head counts,
+embeddings, weight-standardised convs, learned per-channel scales held outside a norm) is refused
+by name before anything is built, and the widened model is then run once on the meta device: a
+width held outside the layers (a channel split at a fixed index, a concatenation whose parts no
+longer add up) fails there and is refused by the module it failed in, as is a changed output shape.
+Modules with a ``sift_widened(factor) -> nn.Module`` method (our GPT) widen themselves.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
+import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
+from sift_lightning.transforms._probe import ProbeFailure, meta_copy, meta_input, trace
 from sift_lightning.transforms._registry import register
-from sift_lightning.transforms._surgery import assert_no_sparse_layers, candidate_layers, keep_zero_init, replace_module
+from sift_lightning.transforms._resize import RESIZABLE, resize_
+from sift_lightning.transforms._surgery import assert_no_sparse_layers, candidate_layers, uses_raw_weight
 
 __all__ = ["sparse_wide", "wide_factor", "widened"]
 
 SUPPORTED = (
-    "CNNs made of Conv2d (plain or depthwise), BatchNorm2d and Linear layers, such as timm ResNets "
-    "(basic and bottleneck, with or without the CIFAR stem), and modules with sift_widened() "
+    "CNNs of Conv2d (plain, depthwise or grouped), BatchNorm/GroupNorm/LayerNorm and Linear layers, such as timm "
+    "ResNets, EfficientNets and ConvNets built of ConvNormAct/BatchNormAct2d blocks, and modules with sift_widened() "
     "(sift_lightning's GPT)"
 )
+# root attributes timm reads to rebuild or describe the head
+_WIDTH_ATTRS = ("num_features", "head_hidden_size")
 
 
 def wide_factor(sparsity: float) -> float:
@@ -37,92 +49,135 @@ def wide_factor(sparsity: float) -> float:
     return math.sqrt(1.0 / (1.0 - sparsity))
 
 
-def _check_widenable(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
-    """Refuse, by name, what one width map cannot widen consistently."""
-    for name, module in model.named_modules():
+def _refuse(model: nn.Module, where: str, why: str) -> ValueError:
+    return ValueError(f"sparse_wide cannot widen {type(model).__name__}: {where} {why}; supported: {SUPPORTED}. "
+                      "Use sparse_parallel, sparse_factorized or sparse_doped for this model")
+
+
+def _check_widenable(model: nn.Module) -> None:
+    """Refuse, by name, every module that holds parameters no width map can resize."""
+    for name, m in model.named_modules():
         where = name or "(the model itself)"
-        if isinstance(module, nn.Conv2d):
-            plain = module.groups == 1 or module.groups == module.in_channels == module.out_channels
-            if not plain:
-                raise ValueError(f"sparse_wide cannot widen grouped conv {where} (groups={module.groups}); "
-                                 f"supported: {SUPPORTED}")
-        elif not isinstance(module, (nn.BatchNorm2d, nn.Linear)) and any(True for _ in module.parameters(recurse=False)):
-            raise ValueError(
-                f"sparse_wide cannot widen {type(model).__name__}: {where} is a {type(module).__name__}; "
-                f"supported: {SUPPORTED}. Use sparse_parallel, sparse_factorized or sparse_doped for other models"
-            )
-    # a Linear fed by a flattened C x H x W map takes C*H*W inputs, which no width map can follow
-    widths = {m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for _, m in layers}
-    for name, m in layers[1:]:
-        if isinstance(m, nn.Linear) and m.in_features not in widths:
-            raise ValueError(
-                f"sparse_wide cannot widen {name}: its {m.in_features} inputs match no layer width (a flattened "
-                f"feature map?); pool to channels before the Linear, or use another Sparse-IFT member"
-            )
+        own = [k for k, p in m._parameters.items() if p is not None]
+        if not own:
+            continue
+        if not isinstance(m, RESIZABLE) or (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1):
+            raise _refuse(model, where, f"is a {type(m).__name__} with parameters {', '.join(own)}")
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and (set(own) - {"weight", "bias"} or not uses_raw_weight(m)):
+            raise _refuse(model, where, f"is a {type(m).__name__}, which computes its kernel from more than its "
+                                        "weight (weight standardisation?), so a mask would not make it sparse")
 
 
-def _factory(m: nn.Module) -> dict:
-    """The device/dtype of a module's first parameter or buffer (BN without affine has only buffers)."""
-    t = next(iter(m.parameters(recurse=False)), None)
-    if t is None:
-        t = next(iter(m.buffers(recurse=False)), None)
-    return {} if t is None else {"device": t.device, "dtype": t.dtype}
-
-
-def _widen_cnn(model: nn.Module, factor: float) -> nn.Module:
-    """Rebuild every Conv2d/BatchNorm2d/Linear with each hidden width ``c`` -> ``floor(c * k)``.
-
-    Widths map through one function of their value, so layers that agreed before agree after:
-    the first layer keeps its inputs, the last its outputs, everything between grows.
-    """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    _check_widenable(model, layers)
-    wide = copy.deepcopy(model)
-    first, last = layers[0][0], layers[-1][0]
-
+def _width(factor: float):
     def w(c: int) -> int:
         return max(1, int(c * factor + 1e-6))
+    return w
 
-    for name, m in list(wide.named_modules()):
-        factory = _factory(m)
-        if isinstance(m, nn.Conv2d):
-            c_in = m.in_channels if name == first else w(m.in_channels)
-            groups = 1 if m.groups == 1 else c_in  # depthwise stays depthwise
-            new = nn.Conv2d(c_in, w(m.out_channels), m.kernel_size, m.stride, m.padding, m.dilation,
-                            groups, m.bias is not None, m.padding_mode, **factory)
-        elif isinstance(m, nn.Linear):
-            d_in = m.in_features if name == first else w(m.in_features)
-            d_out = m.out_features if name == last else w(m.out_features)
-            new = nn.Linear(d_in, d_out, m.bias is not None, **factory)
-        elif isinstance(m, nn.BatchNorm2d):
-            new = type(m)(w(m.num_features), m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
-            keep_zero_init(m, new)
-        else:
+
+def _widen_(model: nn.Module, factor: float, first: str, last: str) -> nn.Module:
+    """Resize every layer of ``model`` in place: each hidden width ``c`` -> ``floor(k c)``.
+
+    Widths map through one function of their value, so layers that agreed before agree after:
+    ``first`` keeps its inputs, ``last`` its outputs, everything between grows.
+    """
+    w = _width(factor)
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, RESIZABLE):
             continue
-        replace_module(wide, name, new)
-    if isinstance(getattr(wide, "num_features", None), int):
-        wide.num_features = w(wide.num_features)  # timm reads it to rebuild the head
-    return wide
+        try:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                conv = isinstance(m, nn.Conv2d)
+                d_in, d_out = (m.in_channels, m.out_channels) if conv else (m.in_features, m.out_features)
+                c_in = d_in if name == first else w(d_in)
+                c_out = d_out if name == last else w(d_out)
+                if conv:
+                    # depthwise (and channel-multiplier) convs keep one group per input channel;
+                    # grouped convs keep their group count
+                    groups = 1 if m.groups == 1 else (c_in if m.groups == m.in_channels else m.groups)
+                    resize_(m, c_in, c_out, groups)
+                else:
+                    resize_(m, c_in, c_out)
+            else:  # a norm: one width
+                width = m.num_channels if isinstance(m, nn.GroupNorm) else (
+                    m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features)
+                old = m._parameters.get("weight")
+                resize_(m, c_out=w(width))
+                if old is not None and not old.is_meta and not old.any():
+                    with torch.no_grad():  # keep timm's zero init of each residual branch's last norm
+                        m.weight.zero_()
+        except ValueError as err:
+            raise _refuse(model, name, f"cannot be widened ({err})") from None
+    for attr in _WIDTH_ATTRS:
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(model, attr, w(value))
+    return model
 
 
-def widened(model: nn.Module, factor: float) -> nn.Module:
+def _probe_input(model: nn.Module, example_input: Any) -> Any:
+    """A meta-device input: ``example_input``'s shape, else what timm's config or the first layer implies."""
+    if example_input is not None:
+        return meta_input(example_input)
+    first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    if isinstance(first, nn.Linear):
+        return torch.zeros(1, first.in_features, device="meta")
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (first.in_channels, 32, 32))
+    return torch.zeros(1, first.in_channels, *size[-2:], device="meta")
+
+
+def _widen_cnn(model: nn.Module, factor: float, example_input: Any = None) -> nn.Module:
+    """A widened, freshly initialised copy of ``model``; checked on the meta device first."""
+    _check_widenable(model)
+    x = _probe_input(model, example_input)
+    try:
+        dense = trace(meta_copy(model), x)
+    except ProbeFailure as err:
+        raise ValueError(
+            f"sparse_wide needs an input to check the widened model, and the dense model fails on a {tuple(x.shape)} "
+            f"one ({err}); pass example_input= with one input batch"
+        ) from None
+    if not dense.layers:
+        raise _refuse(model, "(the model itself)", "calls no Conv2d/Linear layer")
+    first, last = dense.layers[0], dense.layers[-1]
+    try:
+        wide = trace(_widen_(meta_copy(model), factor, first, last), x)
+    except ProbeFailure as err:
+        raise _refuse(model, err.where, f"fails once widened ({err.error.__class__.__name__}: "
+                                        f"{str(err).split(': ', 2)[-1]}): a width it holds outside its layers "
+                                        "(a channel split, a concatenation, a fixed index) does not follow") from None
+    if wide.out_shapes != dense.out_shapes:
+        raise _refuse(model, last, f"leaves the widened model with outputs {wide.out_shapes} instead of "
+                                   f"{dense.out_shapes}: a width outside the layers does not follow")
+    return _widen_(copy.deepcopy(model), factor, first, last)
+
+
+def widened(model: nn.Module, factor: float, example_input: Any = None) -> nn.Module:
     """A new, freshly initialised copy of ``model`` with every hidden width times ``factor``."""
     if hasattr(model, "sift_widened"):
         return model.sift_widened(factor)
-    return _widen_cnn(model, factor)
+    return _widen_cnn(model, factor, example_input)
 
 
 @register("sparse_wide")
-def sparse_wide(model: nn.Module, sparsity: float, **select) -> nn.Module:
+def sparse_wide(model: nn.Module, sparsity: float, *, example_input: Any = None, **select) -> nn.Module:
     """Return a widened copy of ``model`` whose widened layers are sparse at ``s``.
 
+    The copy records ``sift_width_factor = k``.
+
     Args:
-        model: a timm ResNet or a module with ``sift_widened``.
+        model: a CNN of Conv2d/norm/Linear layers, or a module with ``sift_widened``.
         sparsity: s in (0, 1).
+        example_input: one input batch, to check the widened model (default: a 1-image batch of
+            timm's configured input size, or 32x32).
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
     assert_no_sparse_layers(model)  # before widening: the copy would hide the owners
-    wide = widened(model, wide_factor(sparsity))
-    for _, layer in candidate_layers(wide, **select):
-        mark_sparse(layer, sparsity)
+    names = [n for n, _ in candidate_layers(model, **select, who="sparse_wide")]
+    factor = wide_factor(sparsity)
+    wide = widened(model, factor, example_input)
+    if hasattr(model, "sift_widened"):  # it widens itself: its layer names may differ
+        names = [n for n, _ in candidate_layers(wide, **select, who="sparse_wide")]
+    for name in names:
+        mark_sparse(wide.get_submodule(name), sparsity)
+    wide.sift_width_factor = float(factor)
     return wide

@@ -1,0 +1,88 @@
+"""Run a model once on a probe input, to check a rebuilt model before handing it back.
+
+A shape-only pass (the ``meta`` device: no arithmetic, no memory) finds what static checks miss:
+a width held outside the layers (a channel split at a fixed index, a concatenation of widths that
+no longer add up) fails there, and the failing module is the innermost one still running.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+__all__ = ["ProbeFailure", "Trace", "meta_copy", "meta_input", "trace"]
+
+
+class ProbeFailure(Exception):
+    """The probe pass failed inside module ``where`` (the innermost one still running)."""
+
+    def __init__(self, where: str, error: BaseException) -> None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        super().__init__(f"{where}: {type(error).__name__}: {first[:200]}")
+        self.where, self.error = where, error
+
+
+@dataclass
+class Trace:
+    """What one probe pass saw: the output's shapes and the Conv/Linear layers in call order."""
+
+    out_shapes: Any = None
+    layers: list[str] = field(default_factory=list)
+
+
+def _shapes(out: Any) -> Any:
+    return tree_map(lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t, out)
+
+
+def trace(model: nn.Module, example_input: Any) -> Trace:
+    """Run ``model`` (eval mode, no grad) on ``example_input``; raise ``ProbeFailure`` naming the module that failed."""
+    names = {m: n or "(the model)" for n, m in model.named_modules()}
+    stack: list[str] = []
+    result = Trace()
+
+    def pre(m: nn.Module, _args: Any) -> None:
+        stack.append(names[m])
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            result.layers.append(names[m])
+
+    def post(m: nn.Module, _args: Any, _out: Any) -> None:
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in names] + [m.register_forward_hook(post) for m in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, dict):
+                out = model(**example_input)
+            elif isinstance(example_input, (tuple, list)):
+                out = model(*example_input)
+            else:
+                out = model(example_input)
+    except Exception as err:  # noqa: BLE001  any failure is reported by the module it happened in
+        raise ProbeFailure(stack[-1] if stack else "(the model)", err) from err
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    result.out_shapes = _shapes(out)
+    return result
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device (parameters and buffers without storage)."""
+    # deepcopy looks every tensor up in the memo first, so no storage is copied
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                            for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def meta_input(example_input: Any) -> Any:
+    """``example_input`` with every tensor moved to the meta device."""
+    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_input)
