@@ -73,8 +73,8 @@ def test_quickstart_gpt_runs(tmp_path, monkeypatch):
     main(["fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), *FAST, "--data.init_args.batch_size", "8"])
     (version,) = (tmp_path / "runs" / "quickstart_gpt").iterdir()
     ckpt = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    masks = {k: v for k, v in ckpt["state_dict"].items() if k.endswith("weight_mask")}  # Sparse Wide, s=0.5
-    assert "backbone.blocks.0.attn.qkv.weight_mask" in masks, sorted(masks)[:3]
+    masks = {k: v for k, v in ckpt["state_dict"].items() if k.endswith("weight_sift_mask")}  # Sparse Wide, s=0.5
+    assert "backbone.blocks.0.attn.qkv.weight_sift_mask" in masks, sorted(masks)[:3]
     assert ckpt["state_dict"]["backbone.blocks.0.attn.qkv.weight"].shape[1] == 92  # d_model 64 * sqrt(2), rounded to 4 heads of 23
     assert sum(int(m.sum()) for m in masks.values()) == pytest.approx(0.5 * sum(m.numel() for m in masks.values()), abs=len(masks))
     assert "val/ppl" in str(ckpt["callbacks"]) or ckpt["global_step"] == 4

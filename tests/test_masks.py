@@ -10,6 +10,7 @@ from sift_lightning import count_flops, mark_sparse, sparse_targets, transform
 from sift_lightning.sparse.distribution import distribute
 from sift_lightning.sparse.masks import (
     SparseOwner,
+    upgrade_mask_keys,
     keep_bits,
     zero_masked_,
     apply_masks,
@@ -131,12 +132,26 @@ def test_masks_ride_in_state_dict():
     model = transform(_model(), "sparse_parallel", 0.5)
     init_masks(model, generator=torch.Generator().manual_seed(0))
     state = model.state_dict()
-    assert "3.branches.0.0.weight_mask" in state and state["3.branches.0.0.weight_mask"].dtype == torch.bool
+    assert "3.branches.0.0.weight_sift_mask" in state and state["3.branches.0.0.weight_sift_mask"].dtype == torch.bool
+    assert not any(k.endswith(".weight_mask") for k in state)  # torch.nn.utils.prune's name stays free
     other = transform(_model(), "sparse_parallel", 0.5)
     init_masks(other, generator=torch.Generator().manual_seed(1))
     other.load_state_dict(state)
-    assert torch.equal(get_mask(other[3].branches[0][0], "weight"), state["3.branches.0.0.weight_mask"])
+    assert torch.equal(get_mask(other[3].branches[0][0], "weight"), state["3.branches.0.0.weight_sift_mask"])
     assert sparse_targets(other) == sparse_targets(model)
+
+
+def test_state_dict_with_the_old_mask_name_still_loads():
+    model = transform(_model(), "sparse_parallel", 0.5)
+    init_masks(model, generator=torch.Generator().manual_seed(0))
+    old = {k.replace("_sift_mask", "_mask"): v for k, v in model.state_dict().items()}  # sift_lightning <= 0.1
+    assert "3.branches.0.0.weight_mask" in old
+    other = transform(_model(), "sparse_parallel", 0.5)
+    init_masks(other, generator=torch.Generator().manual_seed(1))
+    other.load_state_dict(old)  # strict: every legacy key is consumed
+    for (_, o1, l1, _), (_, o2, l2, _) in zip(sparse_parameters(model), sparse_parameters(other)):
+        assert torch.equal(get_mask(o1, l1), get_mask(o2, l2))
+    assert upgrade_mask_keys(old).keys() == model.state_dict().keys()
 
 
 def test_apply_masks_rezeroes():

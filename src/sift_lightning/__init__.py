@@ -6,7 +6,9 @@ from sift_lightning.flops import FlopReport, count_flops
 from sift_lightning.models.backbones import create_backbone
 from sift_lightning.models.gpt import GPT, GPTConfig, gpt_config
 from sift_lightning.modules import ImageClassifier, LanguageModel, OptimConfig
+from sift_lightning.sparse.engine import DynamicSparsity
 from sift_lightning.sparse.masks import SparseOwner, mark_sparse, sparse_targets
+from sift_lightning.sparse.settings import SparsitySettings
 from sift_lightning.transforms import FAMILIES, transform
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "SparseOwner",
     "SparsityCallback",
     "SupportsTransform",
+    "DynamicSparsity",
+    "SparsitySettings",
     "count_flops",
     "create_backbone",
     "dense_state_dict",

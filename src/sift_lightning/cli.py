@@ -4,8 +4,9 @@
     sift-fit fit --config configs/resnet18_dense.yaml --sift.transform sparse_wide --sift.sparsity 0.9
     sift-fit export --ckpt_path runs/.../last.ckpt --out model.pt   # fold Parallel/Doped to dense
 
-``--sift.*`` are ``SparsityCallback``'s arguments; ``--sift.transform dense`` (the default) trains
-without it, ``none`` trains the existing layers sparse. Seed, checkpoints (last + best ``val/loss``),
+``--sift.*`` are the fields of ``SparsitySettings`` (their docstrings are the help), plus
+``--sift.log_per_layer``; ``--sift.transform dense`` (the default) trains without ``SparsityCallback``,
+``none`` trains the existing layers sparse. Seed, checkpoints (last + best ``val/loss``),
 an LR monitor and a TensorBoard logger under ``runs/`` are on by default.
 """
 
@@ -21,6 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckp
 from lightning.pytorch.cli import LightningCLI
 
 from sift_lightning.callback import SparsityCallback
+from sift_lightning.sparse.settings import SparsitySettings
+from sift_lightning.transforms import check_sparsity
 from sift_lightning.checkpointing import ModelCheckpoint
 
 __all__ = ["SiftCLI", "main"]
@@ -30,17 +33,20 @@ class SiftCLI(LightningCLI):
     """LightningCLI plus the ``sift`` group, turned into a ``SparsityCallback`` on the Trainer."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        # not instantiated by jsonargparse: "dense" must mean "no callback", which the callback rejects
-        parser.add_class_arguments(SparsityCallback, "sift", instantiate=False)
+        # not instantiated by jsonargparse: "dense" must mean "no callback", which the settings reject
+        parser.add_class_arguments(SparsitySettings, "sift", instantiate=False)
+        parser.add_argument("--sift.log_per_layer", type=bool, default=True, help="Log each layer's density too.")
         parser.set_defaults({"sift.sparsity": 0.5, "sift.transform": "dense"})
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         settings = dict(self._get(self.config, "sift") or {})
-        transform = settings.get("transform")
-        if transform != "dense":
-            settings["transform"] = None if transform in (None, "none") else transform
+        log_per_layer = settings.pop("log_per_layer", True)
+        if settings.get("transform") == "dense":
+            check_sparsity(settings.get("sparsity"), "--sift.sparsity")  # a typo must not pass silently
+        else:
             # first, so checkpoints taken at a batch end see the callback's state of that batch
-            callbacks = [SparsityCallback(**settings), *callbacks]
+            cb = SparsityCallback(settings=SparsitySettings(**settings), log_per_layer=log_per_layer)
+            callbacks = [cb, *callbacks]
         return super()._instantiate_trainer(config, [*callbacks, *_default_callbacks(config)])
 
 

@@ -3,8 +3,10 @@
 A module owns sparse parameters when it carries a ``sift_sparsity`` dict mapping the names of its
 *own* parameters (``"weight"``) to their target sparsity. Nothing else is required, so any module
 -- ours, timm's or a user's -- can take part: set the attribute (``mark_sparse``) and the callback,
-the FLOP counter and the exporters find it. Masks are boolean buffers ``<param>_mask`` on the same
-module, so they travel in ``state_dict`` and in every checkpoint.
+the FLOP counter and the exporters find it. Masks are boolean buffers ``<param>_sift_mask`` on the
+same module, so they travel in ``state_dict`` and in every checkpoint. (torch's ``nn.utils.prune``,
+and so Lightning's ``ModelPruning``, owns ``<param>_mask``; checkpoints written with that older name
+of ours still load: ``mark_sparse`` renames their keys on the way in.)
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ __all__ = [
     "sparse_parameters",
     "sparse_targets",
     "set_mask",
+    "upgrade_mask_keys",
     "zero_masked_",
 ]
 
-MASK_SUFFIX = "_mask"
+MASK_SUFFIX = "_sift_mask"
+LEGACY_MASK_SUFFIX = "_mask"  # sift_lightning <= 0.1 (the name torch.nn.utils.prune uses too)
 MASK_INITS = ("random", "magnitude")
 
 
@@ -49,7 +53,29 @@ def mark_sparse(module: nn.Module, sparsity: float, names: tuple[str, ...] = ("w
         if not isinstance(getattr(module, name, None), nn.Parameter):
             raise ValueError(f"{type(module).__name__} has no parameter {name!r} to make sparse")
     module.sift_sparsity = {name: float(sparsity) for name in names}
+    if not getattr(module, "_sift_legacy_hook", False):
+        module.register_load_state_dict_pre_hook(_rename_legacy_masks)
+        module._sift_legacy_hook = True
     return module
+
+
+def _rename_legacy_masks(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Read a mask saved as ``<param>_mask`` (sift_lightning <= 0.1) into ``<param>_sift_mask``."""
+    for local in getattr(module, "sift_sparsity", {}):
+        old, new = prefix + local + LEGACY_MASK_SUFFIX, prefix + local + MASK_SUFFIX
+        if old in state_dict and new not in state_dict and state_dict[old].dtype == torch.bool:
+            state_dict[new] = state_dict.pop(old)
+
+
+def upgrade_mask_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with legacy ``*_mask`` boolean buffers renamed ``*_sift_mask`` (a new dict)."""
+    out = {}
+    for key, value in state_dict.items():
+        if (key.endswith(LEGACY_MASK_SUFFIX) and not key.endswith(MASK_SUFFIX) and torch.is_tensor(value)
+                and value.dtype == torch.bool):
+            key = key[: -len(LEGACY_MASK_SUFFIX)] + MASK_SUFFIX
+        out[key] = value
+    return out
 
 
 def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -114,17 +140,22 @@ def keep_count(numel: int, sparsity: float) -> int:
     return max(1, min(numel, round((1.0 - sparsity) * numel)))
 
 
-def init_masks(model: nn.Module, init: str = "random", generator: torch.Generator | None = None) -> None:
+def init_masks(
+    model: nn.Module, init: str = "random", generator: torch.Generator | None = None, only_missing: bool = False
+) -> None:
     """Give every sparse parameter a mask with exactly ``keep_count`` active entries.
 
     Args:
         model: the model whose sparse parameters get masks (existing masks are overwritten).
         init: ``"random"`` keeps a uniformly random subset; ``"magnitude"`` keeps the largest |w|.
         generator: CPU generator for ``"random"``; seed it identically on every rank.
+        only_missing: leave parameters that have a mask already as they are.
     """
     if init not in MASK_INITS:
         raise ValueError(f"init must be one of {MASK_INITS}, got {init!r}")
     for _, owner, local, param in sparse_parameters(model):
+        if only_missing and get_mask(owner, local) is not None:
+            continue
         keep = keep_count(param.numel(), owner.sift_sparsity[local])
         if init == "random":
             scores = torch.rand(param.shape, generator=generator)

@@ -4,8 +4,10 @@
 - SET (Mocanu et al. 2018): drop the smallest |w|, grow at random among inactive positions.
 - RigL (Evci et al. 2020): drop the smallest |w|, grow where the dense gradient |g| is largest.
 
-Growth is restricted to positions inactive *before* the update, so the drop and grow sets are
-disjoint and each layer's active count never changes.
+Growth picks among every position not kept after the drop -- inactive ones and the ones just
+dropped -- as in RigL's Algorithm 1 and the official Sparse-IFT code: a dropped weight whose grow
+score is among the highest comes straight back, keeping its value and optimizer state (the caller
+zeroes only positions that were inactive before the update). Each layer's active count never changes.
 """
 
 from __future__ import annotations
@@ -39,22 +41,23 @@ def drop_and_grow(
     Args:
         mask: current boolean mask.
         weight: the parameter (its |w| ranks the drops).
-        scores: grow scores, same shape (only inactive positions are considered).
+        scores: grow scores, same shape (every position not kept after the drop competes).
         fraction: share of active weights to replace, in [0, 1].
 
     Returns:
-        ``(new_mask, k)``: the mask (same active count) and the number of weights dropped (= grown).
+        ``(new_mask, k)``: the mask (same active count) and the number of weights dropped (= grown);
+        some of the grown may be the dropped ones, so fewer than ``k`` positions may really change.
     """
     flat = mask.flatten()
     active = int(flat.sum().item())
-    k = min(int(fraction * active), flat.numel() - active)
+    k = min(int(fraction * active), active)
     if k <= 0:
         return mask.clone(), 0
     magnitude = torch.where(flat, weight.detach().flatten().abs().float(), -1.0)
     keep = torch.topk(magnitude, active - k, sorted=False).indices
-    grow_rank = torch.where(flat, float("-inf"), scores.flatten().float())
-    grow = torch.topk(grow_rank, k, sorted=False).indices
     new = torch.zeros_like(flat)
     new[keep] = True
+    grow_rank = torch.where(new, float("-inf"), scores.flatten().float())
+    grow = torch.topk(grow_rank, k, sorted=False).indices
     new[grow] = True
     return new.view_as(mask), k
