@@ -1,4 +1,5 @@
-"""sift_lightning.checkpointing.ModelCheckpoint: last.ckpt is the state at the end of training."""
+"""sift_lightning.checkpointing.ModelCheckpoint: last.ckpt is the state at the end of training, and a
+run resumed from it continues exactly as one longer run would (epochs, batch indices, samples, steps)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from torch.utils.data import DataLoader, TensorDataset
 
 from sift_lightning.checkpointing import ModelCheckpoint
-from sift_lightning.data._common import train_loader
+from sift_lightning.data._common import SplitDataModule, train_loader
 
 
 class Regression(L.LightningModule):
@@ -78,3 +79,78 @@ def test_no_extra_save_when_the_last_step_is_saved(tmp_path):
     _fit(tmp_path, 6, ckpt)  # validation at step 6 already wrote last.ckpt
     assert torch.load(tmp_path / "ours" / "last.ckpt", weights_only=False)["global_step"] == 6
     assert ckpt._last_global_step_saved == 6
+
+
+class _Indices(SplitDataModule):
+    """40 samples, batches of 4: 10 batches an epoch; each sample is its own index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers, self.seed = 4, 0, 0
+        self.train_set = self.val_set = TensorDataset(torch.arange(40.0).view(40, 1))
+
+
+class _Recorder(L.LightningModule):
+    """Records (epoch, batch_idx, first sample) of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[tuple[int, int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.seen.append((self.current_epoch, batch_idx, int(x[0, 0])))
+        return self.layer(x).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.layer(batch[0]).sum())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _record(folder, ckpt_path=None, val=True, **limits) -> tuple[list[tuple[int, int, int]], int]:
+    model = _Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=int(val), callbacks=[ModelCheckpoint(folder, monitor="val/loss" if val else None, save_last=True)],
+        **limits,
+    )  # fmt: skip
+    trainer.fit(model, _Indices(), ckpt_path=ckpt_path)
+    return model.seen, trainer.global_step
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        # stopped by max_steps inside epoch 0 (Lightning counted the epoch done: 0 steps, or the rest skipped)
+        ({"max_epochs": 1, "max_steps": 4}, {"max_epochs": 1, "max_steps": 8}),
+        ({"max_steps": 7, "val_check_interval": 3}, {"max_steps": 16, "val_check_interval": 3}),
+        # a finished epoch: the next epoch reads a new pass, not epoch 0's order again
+        ({"max_epochs": 1}, {"max_epochs": 2}),
+        ({"max_epochs": 1, "val": False}, {"max_steps": 14, "val": False}),
+        # limit_train_batches ends the epoch before the pass runs out: the rest of the pass is not read
+        ({"max_epochs": 1, "limit_train_batches": 5}, {"max_epochs": 3, "limit_train_batches": 5}),
+        ({"max_steps": 5, "limit_train_batches": 5, "val": False}, {"max_steps": 13, "limit_train_batches": 5, "val": False}),
+    ],
+    ids=["max_steps-mid-epoch", "max_steps-after-validation", "epoch-end", "epoch-end-then-max_steps",
+         "limited-epoch-end", "limited-epoch-end-max_steps"],
+)
+def test_last_ckpt_of_a_finished_run_continues_like_one_run(tmp_path, first, then):
+    """Resuming a finished run's last.ckpt with a larger budget trains exactly the batches one run would."""
+    uninterrupted, steps = _record(tmp_path / "one", **then)
+    before, _ = _record(tmp_path / "first", **first)
+    after, resumed_steps = _record(tmp_path / "resumed", ckpt_path=str(tmp_path / "first" / "last.ckpt"), **then)
+    assert before + after == uninterrupted  # same epochs, batch indices and samples, in order
+    assert resumed_steps == steps == len(uninterrupted)
+
+
+def test_epoch_end_checkpoint_resumed_by_max_steps_after_a_validation(tmp_path):
+    """Lightning 2.6 replays a finished epoch on resume by max_steps; after an epoch-end validation
+    that replay reads no batch, so one empty epoch is counted: samples and steps stay exact."""
+    uninterrupted, steps = _record(tmp_path / "one", max_steps=14)
+    before, _ = _record(tmp_path / "first", max_epochs=1)
+    after, resumed_steps = _record(tmp_path / "resumed", ckpt_path=str(tmp_path / "first" / "last.ckpt"), max_steps=14)
+    assert [s[1:] for s in before + after] == [s[1:] for s in uninterrupted] and resumed_steps == steps == 14
+    assert {s[0] for s in after} == {2}  # one run: epoch 1 (Lightning's restart counts an empty epoch)

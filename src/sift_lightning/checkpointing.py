@@ -6,6 +6,14 @@ when it has never saved before: a run that checkpoints at a validation mid-epoch
 lost (the LM study lost its last 90 of 1,500 steps this way). This subclass saves ``last.ckpt`` once
 more at the end of fit whenever the final optimizer step is not yet in it, so ``last.ckpt`` holds
 the trained model and resumes exactly from where training stopped.
+
+When training stops inside an epoch (``max_steps``, ``max_time``, early stopping), Lightning 2.6
+counts that epoch as processed before the epoch-end and train-end saves, so such a checkpoint
+resumes at the *next* epoch: the rest of the epoch is skipped, and with ``max_epochs`` reached
+nothing trains at all. Every checkpoint taken while this callback is on the trainer therefore
+records a cut-short epoch as still running (the state Lightning itself saves after a mid-epoch
+batch), and a resume with a larger ``max_steps`` reads the very next batch of the same epoch (the
+train loader is stateful).
 """
 
 from __future__ import annotations
@@ -26,3 +34,17 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> dict:
+        epochs = trainer.fit_loop.epoch_progress.current
+        if epochs.processed == epochs.started > 0 and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            _reopen_epoch(checkpoint)  # the epoch was cut short: see the module docstring
+        return super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+
+def _reopen_epoch(checkpoint: dict) -> None:
+    """Mark the saved fit loop's last epoch as started, not processed or completed."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        counts["processed"] = counts["completed"] = counts["started"] - 1
+    checkpoint["epoch"] = progress["current"]["completed"]

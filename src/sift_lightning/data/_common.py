@@ -58,14 +58,19 @@ class EpochShuffleSampler(Sampler[int]):
     Pass k (the k-th time the loader is iterated: epoch k) reads ``randperm`` seeded by
     ``(seed, k)``. The pass number and the position inside it are this sampler's state, saved in
     every checkpoint through the ``StatefulDataLoader``. The epoch Lightning passes to
-    ``set_epoch`` is not used: Lightning 2.6 builds the resumed iterator before calling it, and
-    after a checkpoint taken at the end of an epoch it replays that epoch empty and then reports
-    the next epoch one too high, either of which would shift the order of every later epoch.
+    ``set_epoch`` is not used: Lightning 2.6 builds (and prefetches from) the resumed iterator
+    before calling it. Instead the loader is built knowing how many epochs the trainer has
+    finished (``first_pass``). Resuming from a checkpoint taken at an epoch's end, Lightning either
+    does not load the loader's state (training by ``max_epochs``: the next pass is ``first_pass``)
+    or loads it and replays the finished epoch (by ``max_steps``): that replay must read nothing,
+    even when ``limit_train_batches`` stopped the epoch before the pass ran out, so a state from a
+    finished epoch becomes "that pass read to its end".
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, first_pass: int = 0) -> None:
         self.size, self.seed = size, seed
-        self.epoch = -1  # the pass being read; the first pass is 0
+        self.first_pass = first_pass  # epochs the trainer had finished when the loader was built
+        self.epoch = first_pass - 1  # the pass being read
         self._yielded = 0  # position in the current pass
         self._restore: tuple[int, int] | None = None  # (pass, position) from load_state_dict
 
@@ -93,11 +98,14 @@ class EpochShuffleSampler(Sampler[int]):
         return {"epoch": self.epoch, "yielded": self._yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._restore = (state["epoch"], state["yielded"])
+        if state["epoch"] >= self.first_pass:
+            self._restore = (state["epoch"], state["yielded"])
+        else:  # the trainer finished that epoch: its replay reads nothing, the next epoch a new pass
+            self._restore = (self.first_pass - 1, self.size)
 
 
 def train_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, seed: int, drop_last: bool = False
+    dataset: Dataset, batch_size: int, num_workers: int, seed: int, drop_last: bool = False, first_pass: int = 0
 ) -> StatefulDataLoader:
     """A shuffling train loader that Lightning can resume mid-epoch.
 
@@ -105,12 +113,13 @@ def train_loader(
     checkpoint, so a resumed run continues with exactly the batch the interrupted run would have
     drawn next (a plain ``DataLoader`` restarts the epoch). The shuffle order comes from a
     function of ``(seed, epoch)`` (``EpochShuffleSampler``): epoch k's order is the same on every run,
-    resumed or not. Under DDP Lightning swaps in its ``DistributedSampler`` (keyed by epoch too).
+    resumed or not; ``first_pass`` is the number of epochs the trainer has finished (see
+    ``EpochShuffleSampler``). Under DDP Lightning swaps in its ``DistributedSampler`` (keyed by epoch too).
     """
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochShuffleSampler(len(dataset), seed),
+        sampler=EpochShuffleSampler(len(dataset), seed, first_pass),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
@@ -143,7 +152,10 @@ class SplitDataModule(L.LightningDataModule):
     seed: int
 
     def train_dataloader(self) -> StatefulDataLoader:
-        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed, self.drop_last_train)
+        # epochs the trainer has finished (restored from a checkpoint already when this is called)
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        return train_loader(self.train_set, self.batch_size, self.num_workers, self.seed, self.drop_last_train, done)
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.val_set, self.batch_size, self.num_workers)
