@@ -164,6 +164,9 @@ class GPT(nn.Module):
     # dense as in the paper, while Q/K/V, the attention output and both FFN projections are
     # transformed -- so, unlike the CNNs (whose stem stays dense), the *first* Linear is not kept.
     sift_dense_layers: tuple[str, ...] = ("lm_head",)
+    # Our init std (0.02, residual projections 0.02/sqrt(2 L)) ignores a layer's fan-in; SµPar's
+    # init multipliers (sift_lightning.sparse.supar) depend on that.
+    sift_init_scheme: str = "fixed"
 
     def __init__(
         self,

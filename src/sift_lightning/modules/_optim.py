@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from sift_lightning.sparse.supar import supar_param_groups, uses_supar
+
 __all__ = ["OptimConfig", "as_optim_config", "configure_optim"]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -92,8 +94,15 @@ def _lr_factor(step: int, cfg: OptimConfig, total: int, per_epoch: float) -> flo
 
 
 def configure_optim(module: pl.LightningModule, cfg: OptimConfig) -> dict:
-    """The ``configure_optimizers`` return value: optimizer and a per-step LambdaLR."""
+    """The ``configure_optimizers`` return value: optimizer and a per-step LambdaLR.
+
+    A model that ``supar_init_`` marked (``sift_parametrization == "supar"`` on any submodule)
+    gets SµPar's per-layer learning rates (``supar_param_groups``: the Adam rule for ``adamw``,
+    the SGD rule for ``sgd``), so the dense recipe in ``cfg`` needs no change.
+    """
     groups = _param_groups(module, cfg)
+    if uses_supar(module):
+        groups = supar_param_groups(module, groups, lr=cfg.lr, optimizer="sgd" if cfg.name == "sgd" else "adam")
     if cfg.name == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                               weight_decay=cfg.weight_decay)
