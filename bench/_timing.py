@@ -230,13 +230,14 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
 
-def instrument(callback: pl.Callback, timer: StepTimer, methods: Sequence[str]) -> None:
-    """Time ``callback``'s ``methods`` into ``timer.hook_s`` (instance attributes shadow the class's).
+def instrument(obj: Any, timer: StepTimer, methods: Sequence[str]) -> None:
+    """Time ``obj``'s public ``methods`` into ``timer.hook_s`` (instance attributes shadow the class's).
 
-    Must run before ``fit``: the optimizer step post-hook is registered from the instance attribute.
+    ``obj`` is a callback (its hooks) or the engine (``after_step``, which its optimizer step
+    post-hook calls through the instance, so the instance attribute is what runs).
     """
     for name in methods:
-        original: Callable[..., Any] = getattr(callback, name)
+        original: Callable[..., Any] = getattr(obj, name)
 
         def timed(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
             t = time.perf_counter()
@@ -246,7 +247,7 @@ def instrument(callback: pl.Callback, timer: StepTimer, methods: Sequence[str]) 
                 if timer.hook_s:
                     timer.hook_s[-1] += time.perf_counter() - t
 
-        setattr(callback, name, timed)
+        setattr(obj, name, timed)
 
 
 def fit(module: pl.LightningModule, loader: DataLoader, callbacks: list[pl.Callback], steps: int) -> None:

@@ -57,6 +57,8 @@ from typing import Any
 
 import torch
 
+from sift_lightning.sparse.masks import MASK_SUFFIX, get_mask, sparse_parameters
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
     bench_parser,
@@ -80,7 +82,9 @@ SPARSITY = 0.5
 SEED = 0
 VARIANTS = ("baseline", "static", "rigl")
 MODELS = ("resnet18_w16", "gpt_tiny")
-HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "_after_step", "on_train_batch_end")
+# the callback's per-step hooks, and the engine's work after each optimizer step (its step post-hook)
+HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+ENGINE_HOOKS = ("after_step",)
 AMORTISE = 100  # RigL's update frequency in the paper
 
 
@@ -124,7 +128,7 @@ def _build(model: str, batch: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
 def _mask_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha1()
     for name, buf in module.named_buffers():
-        if name.endswith("_mask"):
+        if name.endswith(MASK_SUFFIX):
             h.update(name.encode())
             h.update(buf.numpy().tobytes())
     return h.hexdigest()[:12]
@@ -132,33 +136,28 @@ def _mask_digest(module: torch.nn.Module) -> str:
 
 def _run_once(model: str, variant: str, setting: Setting) -> dict[str, Any]:
     gc.collect()  # the previous fit's trainer/module cycles, so they cannot raise this fit's peak
-    from sift_lightning.callback import SparsityCallback
-    from sift_lightning.sparse.masks import init_masks, mark_sparse
-    from sift_lightning.transforms._surgery import candidate_layers
+    from sift_lightning import DynamicSparsity, SparsityCallback, SparsitySettings
 
     module, inputs, targets = _build(model, setting.batch)
     timer = StepTimer()
     callbacks: list[Any] = [timer]
     if variant == "baseline":
-        # what SparsityCallback(transform=None) does at setup, done once by hand
-        for _, layer in candidate_layers(module.backbone):
-            mark_sparse(layer, SPARSITY)
-        init_masks(module, "random", torch.Generator().manual_seed(SEED))
+        # what SparsityCallback(transform=None) does at setup, done once with no callback after it
+        DynamicSparsity(SparsitySettings(SPARSITY, algorithm="static", seed=SEED)).apply(module)
         digest = _mask_digest(module)
     else:
         cb = SparsityCallback(SPARSITY, transform=None, algorithm=variant, update_frequency=setting.rigl_every,
                               drop_schedule="constant", end=1.0, seed=SEED)
         instrument(cb, timer, HOOKS)
+        instrument(cb.engine, timer, ENGINE_HOOKS)
         callbacks.append(cb)
     total = setting.warmup + setting.steps + 1  # the last interval also holds the epoch's end: dropped
     fit(module, pre_batched(inputs, targets, total), callbacks, total)
     if variant != "baseline":
         # what is timed must do the callback's job: every masked-out weight exactly 0
-        for name, buf in module.named_buffers():
-            if name.endswith("_mask"):
-                owner, local = module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2][:-5]
-                if getattr(owner, local)[~buf].any():
-                    raise RuntimeError(f"{variant}: masked-out weights of {name[:-5]} are not zero after training")
+        for name, owner, local, param in sparse_parameters(module):
+            if param[~get_mask(owner, local)].any():
+                raise RuntimeError(f"{variant}: masked-out weights of {name} are not zero after training")
         # static masks never change: they must equal the baseline's
         digest = _mask_digest(module) if variant == "static" else ""
     measured = range(setting.warmup, setting.warmup + setting.steps)
