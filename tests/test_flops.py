@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sift_lightning import count_flops, create_backbone, transform
-from sift_lightning.flops import main
+from sift_lightning.flops.table import main
 from sift_lightning.models.gpt import GPT, gpt_config, gpt_forward_macs
 from sift_lightning.sparse.masks import init_masks, set_mask
 

@@ -7,12 +7,12 @@ dense MACs times its weight density: the mask's real density once masks exist, e
 ``1 - s``. MACs outside layers (attention scores ``QK^T`` and ``AV``: activation x activation) can
 never be sparse and are counted dense in both totals.
 
-Run ``python -m sift_lightning.flops resnet18 --cifar-stem`` for the table of every member.
+Run ``python -m sift_lightning.flops resnet18 --cifar-stem`` for the table of every member
+(``flops/table.py``; this module knows nothing of the members, so the members can use it).
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from sift_lightning.sparse.masks import SparseOwner, get_mask
 
-__all__ = ["FlopReport", "LayerFlops", "LayerRecorder", "count_flops", "iso_flop_table", "weight_density"]
+__all__ = ["FlopReport", "LayerFlops", "LayerRecorder", "count_flops", "weight_density"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -185,78 +185,3 @@ def count_flops(model: nn.Module, example_input: Any) -> FlopReport:
     report = rec.report()
     report.params, report.active_params = _param_counts(model)
     return report
-
-
-def iso_flop_table(
-    build: Any, example_input: Any, families: list[str], sparsities: list[float], **options: Any
-) -> list[dict[str, Any]]:
-    """Rows of (family, sparsity, params, dense MACs, sparse MACs, ratio to dense).
-
-    Args:
-        build: a callable returning a fresh dense model.
-        example_input: input for ``count_flops``.
-        families: members to tabulate (``dense`` is always the first row).
-        sparsities: values of s.
-        **options: passed to ``transform``.
-    """
-    from sift_lightning.transforms import transform
-
-    base = count_flops(build(), example_input)
-    rows = [dict(family="dense", sparsity=0.0, params=base.params, dense_macs=base.dense_macs,
-                 sparse_macs=base.sparse_macs, ratio=1.0)]
-    for family in families:
-        if family == "dense":
-            continue
-        for s in sparsities:
-            r = count_flops(transform(build(), family, s, example_input=example_input, **options), example_input)
-            rows.append(dict(family=family, sparsity=s, params=r.params, dense_macs=r.dense_macs,
-                             sparse_macs=r.sparse_macs, ratio=r.sparse_macs / base.dense_macs))
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of ``iso_flop_table`` rows."""
-    out = [f"{'family':<18} {'s':>5} {'params':>14} {'dense MACs':>16} {'sparse MACs':>16} {'sparse/dense':>12}"]
-    for r in rows:
-        out.append(
-            f"{r['family']:<18} {r['sparsity']:>5.2f} {r['params']:>14,} {r['dense_macs']:>16,} "
-            f"{r['sparse_macs']:>16,.0f} {r['ratio']:>12.4f}"
-        )
-    return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m sift_lightning.flops MODEL``: the iso-FLOP table of every member."""
-    from sift_lightning.models.backbones import create_backbone
-    from sift_lightning.transforms import FAMILIES
-
-    p = argparse.ArgumentParser(prog="python -m sift_lightning.flops", description=main.__doc__)
-    p.add_argument("model", help="a timm model name (resnet18, vit_tiny_patch16_224, ...) or a GPT preset (gpt_tiny, gpt3_small)")
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 ResNet stem, no max-pool")
-    p.add_argument("--in-chans", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=None, help="default: 32 with --cifar-stem, else 224")
-    p.add_argument("--seq-len", type=int, default=None, help="GPT sequence length (default: block size)")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES[1:]), choices=FAMILIES[1:])
-    p.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.75, 0.9])
-    p.add_argument("--match-flops", action="store_true", help="tune s so sparse MACs meet the dense budget")
-    a = p.parse_args(argv)
-    if a.model.startswith("gpt"):
-        from sift_lightning.models.gpt import GPT, gpt_config
-
-        cfg = gpt_config(a.model)
-        build = lambda: GPT(cfg, device="meta")  # noqa: E731  shapes only: instant and memory-free
-        example = torch.zeros(1, a.seq_len or cfg.block_size, dtype=torch.long, device="meta")
-    else:
-        size = a.image_size or (32 if a.cifar_stem else 224)
-        kwargs = dict(cifar_stem=a.cifar_stem, in_chans=a.in_chans)
-        if "vit" in a.model or "deit" in a.model:
-            kwargs["img_size"] = size
-
-        def build() -> nn.Module:
-            with torch.device("meta"):
-                return create_backbone(a.model, a.num_classes, **kwargs)
-
-        example = torch.zeros(1, a.in_chans, size, size, device="meta")
-    rows = iso_flop_table(build, example, a.families, a.sparsity, match_flops=a.match_flops)
-    print(format_table(rows))
