@@ -34,6 +34,7 @@ RESULTS = ROOT / "docs" / "results"
 # Names under "extra" run only when asked for with --only (diagnostics and the costliest runs).
 RIGL = ["--sift.algorithm", "rigl", "--sift.update_frequency", "100", "--sift.match_flops", "true"]
 INIT_SCALE = ["--sift.sparse_init_scale", "true"]
+SUPAR = ["--sift.parametrization", "supar"]
 LONG = ["--trainer.max_steps", "9000"]  # 3x the LM schedule (bench/configs/study_lm.yaml: 3,000 steps)
 VISION_LONG = ["--trainer.max_epochs", "12"]
 VISION_NARROW = ["--model.backbone_kwargs.width", "4"]  # half the study's width 8
@@ -95,11 +96,14 @@ STUDIES = {
         "curve": "val/ppl",
         "runs": {
             "dense": ["--sift.transform", "dense"],
-            **{f"{fam}_{s}": _sparse(fam, s) for fam in ("sparse_wide", "sparse_parallel") for s in (0.5, 0.75)},
-            "dense_d92": ["--sift.transform", "dense", "--model.model", _GPT_WIDE],
-            **{f"sparse_wide_{s}_init_scale": _sparse("sparse_wide", s, *INIT_SCALE) for s in (0.5, 0.75)},
+            **{f"sparse_wide_{s}": _sparse("sparse_wide", s) for s in (0.5, 0.75)},
+            # SµPar: init and AdamW LR multipliers per sparse layer, so the dense recipe stays optimal
+            **{f"sparse_wide_{s}_supar": _sparse("sparse_wide", s, *SUPAR) for s in (0.5, 0.75)},
         },
         "extra": {
+            **{f"sparse_parallel_{s}": _sparse("sparse_parallel", s) for s in (0.5, 0.75)},
+            "dense_d92": ["--sift.transform", "dense", "--model.model", _GPT_WIDE],
+            **{f"sparse_wide_{s}_init_scale": _sparse("sparse_wide", s, *INIT_SCALE) for s in (0.5, 0.75)},
             "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
             # the paper's accounting: s only in the sparsified layers (the wider dense head/attention
             # make it ~1.9x the dense model's whole-model forward FLOPs here; match_flops retunes s)
@@ -379,7 +383,7 @@ def _plot_panel(ax, rows: dict, metric: str) -> None:
         if pts:
             xs, ys, es = zip(*sorted(pts))
             line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=fam)
-            for variant, marker in (("static", "s"), ("init_scale", "^")):  # the same member, other settings
+            for variant, marker in (("static", "s"), ("init_scale", "^"), ("supar", "D")):  # the same member, other settings
                 for name, rs in rows.items():
                     head, _, tail = name.rpartition("_" + variant)
                     if tail == "" and head.startswith(fam + "_") and head[len(fam) + 1:].replace(".", "", 1).isdigit():

@@ -124,3 +124,26 @@ def test_the_sparsity_plot_gives_the_half_width_runs_their_own_panel(study, tmp_
     study._plot("vision", rows, "test/acc1")
     two = Image.open(tmp_path / "study_vision.png").size
     assert two[0] == 2 * one[0] and two[1] == one[1]
+
+
+def test_the_lm_study_runs_sparse_wide_with_and_without_supar_and_plots_both(study, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = study.STUDIES["lm"]["runs"]
+    assert list(runs) == ["dense", "sparse_wide_0.5", "sparse_wide_0.75", "sparse_wide_0.5_supar", "sparse_wide_0.75_supar"]
+    for s in (0.5, 0.75):
+        plain, supar = runs[f"sparse_wide_{s}"], runs[f"sparse_wide_{s}_supar"]
+        assert supar == [*plain, "--sift.parametrization", "supar"] and "--sift.parametrization" not in plain
+    plt = study._pyplot()
+    fig, ax = plt.subplots()
+
+    def run(ppl: float) -> dict:
+        return {"seed": 0, "test": {"test/ppl": ppl}, "macs_dense": 1.0}
+
+    rows = {"dense": [run(4.0)], "sparse_wide_0.5": [run(4.1)], "sparse_wide_0.75": [run(4.3)],
+            "sparse_wide_0.5_supar": [run(4.05)], "sparse_wide_0.75_supar": [run(4.2)]}
+    study._plot_panel(ax, rows, "test/ppl")
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels.count("sparse_wide") == 1 and labels.count("sparse_wide (supar)") == 1  # one marker legend for both s
+    supar = handles[labels.index("sparse_wide (supar)")]
+    assert list(supar[0].get_xdata()) == [0.5] and list(supar[0].get_ydata()) == [4.05]
+    plt.close(fig)
