@@ -49,8 +49,8 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
         assert sparsity_cbs == []
     else:
         (cb,) = sparsity_cbs
-        assert cb.transform == sift["transform"] and cb.sparsity == sift["sparsity"]
-        assert cb.algorithm == sift.get("algorithm", "rigl")
+        assert cb.settings.transform == sift["transform"] and cb.settings.sparsity == sift["sparsity"]
+        assert cb.settings.algorithm == sift.get("algorithm", "rigl")
         assert cb is cli.trainer.callbacks[0]
 
 
@@ -72,11 +72,11 @@ def test_sift_flags_override_a_config(tmp_path, monkeypatch):
     cli = _cli("--config", str(CONFIGS / "resnet18_dense.yaml"), *CPU,
                "--sift.transform", "sparse_wide", "--sift.sparsity", "0.9", "--sift.algorithm", "set")
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, SparsityCallback)]
-    assert (cb.transform, cb.sparsity, cb.algorithm) == ("sparse_wide", 0.9, "set")
+    assert (cb.settings.transform, cb.settings.sparsity, cb.settings.algorithm) == ("sparse_wide", 0.9, "set")
 
 
 def test_sift_none_means_plain_sparse_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = _cli("--config", str(CONFIGS / "resnet18_dense.yaml"), *CPU, "--sift.transform", "none", "--sift.sparsity", "0.8")
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, SparsityCallback)]
-    assert cb.transform is None and cb.sparsity == 0.8
+    assert cb.settings.transform is None and cb.settings.sparsity == 0.8

@@ -19,7 +19,7 @@ from typing import Any
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from sift_lightning.callback import SparsityCallback
 from sift_lightning.sparse.settings import SparsitySettings
@@ -50,6 +50,30 @@ class SiftCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*callbacks, *_default_callbacks(config)])
 
 
+    def before_instantiate_classes(self) -> None:
+        # a relative logger save_dir (the configs' "runs", from _trainer_defaults) lives under
+        # --trainer.default_root_dir, so that flag moves logs, config.yaml and checkpoints together
+        trainer = self._get(self.config, "trainer") or {}
+        root, loggers = trainer.get("default_root_dir"), trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            save_dir = init_args.get("save_dir") if init_args is not None else None
+            if root and isinstance(save_dir, str) and not os.path.isabs(save_dir) and "://" not in save_dir:
+                init_args["save_dir"] = os.path.join(root, save_dir)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters here first: one line for a missing or
+        # corrupt --ckpt_path, before any work
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if isinstance(ckpt_path, str) and ckpt_path not in ("last", "best", "hpc") and "://" not in ckpt_path \
+                and not ckpt_path.startswith("registry"):
+            from sift_lightning.export.checkpoint import check_checkpoint
+
+            check_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+
 def _default_callbacks(config: dict[str, Any]) -> list[Callback]:
     """Checkpoints (last + best ``val/loss``) and an LR monitor, unless the run opts out of them.
 
@@ -65,6 +89,20 @@ def _default_callbacks(config: dict[str, Any]) -> list[Callback]:
     if config.get("logger") not in (False, []) and not any(isinstance(c, LearningRateMonitor) for c in given):
         defaults.append(LearningRateMonitor(logging_interval="step"))
     return defaults
+
+
+class _SaveConfigOnce(SaveConfigCallback):
+    """Writes ``config.yaml`` into the run's log folder, and refuses (one line) to replace another run's."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and trainer.log_dir is not None:
+            path = os.path.join(trainer.log_dir, self.config_filename)
+            if trainer.strategy.broadcast(trainer.is_global_zero and os.path.isfile(path)):
+                raise ValueError(
+                    f"{path} exists: a previous run wrote it, and its checkpoints belong to it; give this run its "
+                    "own folder (--trainer.default_root_dir, or keep the TensorBoard logger: it makes version_<n>) "
+                    "or delete that file")
+        super().setup(trainer, pl_module, stage)
 
 
 def _trainer_defaults() -> dict[str, Any]:
@@ -85,14 +123,21 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             seed_everything_default=42,
             trainer_defaults=_trainer_defaults(),
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=_SaveConfigOnce,
             args=args,
         )
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("SIFT_DEBUG"):
             raise
-        print(f"sift-fit: error: {err}", file=sys.stderr)
+        print(f"sift-fit: error: {_root_message(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _root_message(err: BaseException) -> str:
+    """Our own message under jsonargparse's "Does not validate against any of the Union subtypes" dump."""
+    while str(err).startswith("Does not validate against any of the Union subtypes") and err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
 
 
 if __name__ == "__main__":

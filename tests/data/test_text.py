@@ -101,8 +101,10 @@ def test_wikitext_layout(tmp_path):
 
 def test_too_small_split(tmp_path):
     (tmp_path / "tiny.txt").write_text("a\n" * 100)
-    message = "the val split has 10 tokens, too few for one window of block_size + 1 = 17; lower block_size or raise val_fraction"
-    with pytest.raises(ValueError, match=re.escape(message)):
+    message = (f"the val split of {tmp_path}/tiny.txt has 10 tokens but one window needs block_size + 1 = 17; give "
+               "more text (val and test each get val_fraction = 0.05 of it), raise val_fraction, or lower block_size "
+               "(the model's too)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         make(tmp_path, tmp_path / "tiny.txt").setup("fit")
 
 
@@ -181,7 +183,9 @@ def test_wikitext_download_tries_each_mirror(tmp_path, monkeypatch):
         "https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
         "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip",
     ]
-    message = f"could not download WikiText-103: {urls[0]}: no network; {urls[1]}: no network"
-    with pytest.raises(OSError, match=f"^{re.escape(message)}$"):
+    message = (f"WikiText-103 not found under {tmp_path} and the download failed ({urls[0]}: no network; {urls[1]}: "
+               f"no network); put wikitext-103-raw/ there (unzip wikitext-103-raw-v1.zip from {urls[0]}), or rerun "
+               "with internet")
+    with pytest.raises(DataNotFoundError, match=f"^{re.escape(message)}$"):
         dm.prepare_data()
     assert tried == [(url, str(tmp_path)) for url in urls]

@@ -56,7 +56,7 @@ def test_cifar_stem_on_vit():
 
 
 def test_unknown_timm_name():
-    with pytest.raises(ValueError, match="unknown timm model 'resnet_does_not_exist'; close matches: .*resnet"):
+    with pytest.raises(ValueError, match=r"^unknown backbone 'resnet_does_not_exist'; pick a name from timm\.list_models\(\)"):
         create_backbone("resnet_does_not_exist", 10)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-__all__ = ["DataNotFoundError", "eval_loader", "split_indices", "train_loader"]
+__all__ = ["DataNotFoundError", "eval_loader", "one_line", "split_indices", "train_loader"]
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -21,18 +21,39 @@ class DataNotFoundError(FileNotFoundError):
     put the IDX files there, install Debian's dataset-fashion-mnist, or set download: true
     (needs internet)``.
 
+    When ``download: true`` was tried and failed (offline), ``download_error`` says why instead:
+    ``CIFAR-100 not found under /x and the download failed (<urlopen error ...>); put ... there``.
+
     Args:
         dataset: Human name of the data set ("Fashion-MNIST").
         roots: Every place searched, in order.
         looked_for: The file or layout that was missing.
         hint: How to provide the data.
+        download_error: The exception a failed download raised, if one was tried.
     """
 
-    def __init__(self, dataset: str, roots: Sequence[str | Path], looked_for: str, hint: str) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        roots: Sequence[str | Path],
+        looked_for: str,
+        hint: str,
+        download_error: BaseException | None = None,
+    ) -> None:
         where = ", ".join(str(r) for r in roots)
-        super().__init__(f"{dataset} not found under {where} (looked for {looked_for}); {hint}")
+        if download_error is None:
+            super().__init__(f"{dataset} not found under {where} (looked for {looked_for}); {hint}")
+        else:
+            super().__init__(f"{dataset} not found under {where} and the download failed "
+                             f"({one_line(download_error, 400)}); {hint}")
         self.dataset = dataset
         self.roots = [str(r) for r in roots]
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: its first line, cut at ``limit`` characters."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def abspath(path: str | Path) -> Path:

@@ -63,26 +63,33 @@ class CIFARDataModule(SplitDataModule):
         cls = self.dataset_cls
         return [name for name, _md5 in cls.train_list + cls.test_list] + [cls.meta["filename"]]
 
-    def check(self) -> None:
+    def check(self, download_error: BaseException | None = None) -> None:
         """Raise ``DataNotFoundError`` unless every file torchvision reads is there."""
         folder = abspath(self.root) / self.dataset_cls.base_folder
         if not all((folder / name).is_file() for name in self._files()):
+            cls = self.dataset_cls
+            hint = (f"put {cls.filename} (from {cls.url}) there and extract it, or rerun with internet"
+                    if download_error else f"extract {cls.filename} there, or set download: true (needs internet)")
             raise DataNotFoundError(
                 f"CIFAR-{self.num_classes}",
                 [abspath(self.root)],
-                f"{self.dataset_cls.base_folder}/{{{','.join(self._files())}}}",
-                f"extract {self.dataset_cls.filename} there, or set download: true (needs internet)",
+                f"{cls.base_folder}/{{{','.join(self._files())}}}",
+                hint,
+                download_error,
             )
 
     def prepare_data(self) -> None:
-        """Download and extract the archive when asked and not already there."""
+        """Download and extract the archive when asked and not already there (offline: one line)."""
         if not self.download:
             return
         try:
             self.check()
         except DataNotFoundError:
             cls = self.dataset_cls
-            download_and_extract_archive(cls.url, str(abspath(self.root)), filename=cls.filename, md5=cls.tgz_md5)
+            try:
+                download_and_extract_archive(cls.url, str(abspath(self.root)), filename=cls.filename, md5=cls.tgz_md5)
+            except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors; a bad md5 a RuntimeError
+                self.check(download_error=err)
 
     def _transform(self, train: bool) -> v2.Transform:
         mean, std = STATS[self.num_classes]

@@ -129,20 +129,19 @@ class FashionMNISTDataModule(SplitDataModule):
         dirs = [abspath(self.root), abspath(self.root) / "FashionMNIST" / "raw"] if self.root else []
         return dirs + [DEBIAN_DIR]
 
-    def find_dir(self) -> Path:
+    def find_dir(self, download_error: BaseException | None = None) -> Path:
         """The first folder that holds all four IDX files; ``DataNotFoundError`` if none does."""
         for directory in self.search_dirs():
             if all(_find(directory, name) for name in FILES):
                 return directory
-        raise DataNotFoundError(
-            "Fashion-MNIST",
-            self.search_dirs(),
-            "train-images-idx3-ubyte[.gz]",
-            "put the IDX files there, install Debian's dataset-fashion-mnist, or set download: true (needs internet)",
-        )
+        hint = "put the IDX files there, install Debian's dataset-fashion-mnist, or set download: true (needs internet)"
+        if download_error is not None:
+            hint = (f"put the four IDX files ({', '.join(FILES)}, raw or .gz, from {MIRROR}) there, "
+                    "or install Debian's dataset-fashion-mnist")
+        raise DataNotFoundError("Fashion-MNIST", self.search_dirs(), "train-images-idx3-ubyte[.gz]", hint, download_error)
 
     def prepare_data(self) -> None:
-        """Download the four .gz files into ``root`` when asked and not found anywhere."""
+        """Download the four .gz files into ``root`` when asked and not found anywhere (offline: one line)."""
         if not self.download:
             return
         try:
@@ -151,7 +150,10 @@ class FashionMNISTDataModule(SplitDataModule):
             from torchvision.datasets.utils import download_url
 
             for name, md5 in FILES.items():
-                download_url(MIRROR + f"{name}.gz", str(abspath(self.root)), md5=md5)
+                try:
+                    download_url(MIRROR + f"{name}.gz", str(abspath(self.root)), md5=md5)
+                except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors
+                    self.find_dir(download_error=err)
 
     def _load(self, directory: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images = read_idx(_find(directory, f"{split}-images-idx3-ubyte"))

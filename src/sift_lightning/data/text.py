@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import DataNotFoundError, SplitDataModule, abspath
+from ._common import DataNotFoundError, SplitDataModule, abspath, one_line
 from .kjv import kjv_source, read_kjv
 from .tokenizers import get_tokenizer
 
-__all__ = ["DATASETS", "TextDataModule", "TokenWindows"]
+__all__ = ["DATASETS", "TextDataModule", "TokenWindows", "read_text"]
 
 DATASETS = ("kjv", "wikitext103", "files")
 SPLITS = ("train", "val", "test")
@@ -59,6 +59,27 @@ class TokenWindows(Dataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokens": None}
+
+
+# First bytes of the compressed formats a text file is most often mistaken for -> how to undo them.
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"),
+              b"PK\x03\x04": ("zip", "unzip"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
+
+
+def read_text(path: Path) -> str:
+    """A text file's content; an empty or non-UTF-8 file raises a one-line ``ValueError`` naming it."""
+    raw = Path(path).read_bytes()
+    if not raw:
+        raise ValueError(f"{path} is empty; fill it with text or leave it out")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        for magic, (kind, tool) in COMPRESSED.items():
+            if raw.startswith(magic):
+                raise ValueError(f"{path} is not UTF-8 text but {kind}-compressed data; decompress it first "
+                                 f"({tool} {path}) and pass the result") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                         "pass a text file, or convert it to UTF-8 first (iconv -t utf-8)") from None
 
 
 def _carve(text: str, fraction: float) -> dict[str, str]:
@@ -160,11 +181,25 @@ class TextDataModule(SplitDataModule):
 
     def _read_splits(self) -> dict[str, str]:
         if self.dataset == "wikitext103":
-            return {s: p.read_text(encoding="utf-8") for s, p in self._wikitext_paths().items()}
+            return {s: read_text(p) for s, p in self._wikitext_paths().items()}
         if self.dataset == "kjv":
             return _carve(read_kjv(), self.val_fraction)
-        texts = [p.read_text(encoding="utf-8") for p in self.source_files()]
+        texts = [read_text(p) for p in self.source_files()]
         return _carve("".join(t if t.endswith("\n") else t + "\n" for t in texts), self.val_fraction)
+
+    def _too_short(self, split: str, num_tokens: int) -> str:
+        """The one-line message for a split with no full window: which file, how short, what to do."""
+        need = f"{num_tokens} tokens but one window needs block_size + 1 = {self.block_size + 1}"
+        if self.dataset == "wikitext103":
+            path = self._wikitext_paths()[split]
+            return f"{path} (the {split} split) has {need}; check that the file is complete, or lower block_size"
+        sources = ", ".join(str(p) for p in self.source_files())
+        if split == "train":
+            fix = "give more text, or lower block_size (the model's too)"
+        else:
+            fix = (f"give more text (val and test each get val_fraction = {self.val_fraction} of it), "
+                   "raise val_fraction, or lower block_size (the model's too)")
+        return f"the {split} split of {sources} has {need}; {fix}"
 
     # -- token cache ---------------------------------------------------------------------------
     def cache_paths(self) -> dict[str, Path]:
@@ -203,9 +238,15 @@ class TextDataModule(SplitDataModule):
         for url in WIKITEXT_URLS:
             try:
                 return download_and_extract_archive(url, str(abspath(self.root)))
-            except OSError as err:  # try the next mirror
-                errors.append(f"{url}: {err}")
-        raise OSError(f"could not download WikiText-103: {'; '.join(errors)}")
+            except (OSError, RuntimeError) as err:  # offline, or a bad archive: try the next mirror
+                errors.append(f"{url}: {one_line(err, 120)}")
+        raise DataNotFoundError(
+            "WikiText-103",
+            [abspath(self.root)],
+            f"{WIKITEXT_DIR}/{{{','.join(WIKITEXT_FILES.values())}}}",
+            f"put {WIKITEXT_DIR}/ there (unzip wikitext-103-raw-v1.zip from {WIKITEXT_URLS[0]}), or rerun with internet",
+            OSError("; ".join(errors)),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cached token files (tokenising first if ``prepare_data`` did not run)."""
@@ -213,9 +254,6 @@ class TextDataModule(SplitDataModule):
         self.splits = {split: TokenWindows(path, self.dtype, self.block_size) for split, path in paths.items()}
         for split, windows in self.splits.items():
             if len(windows) == 0:
-                raise ValueError(
-                    f"the {split} split has {windows.num_tokens} tokens, too few for one window of "
-                    f"block_size + 1 = {self.block_size + 1}; lower block_size or raise val_fraction"
-                )
+                raise ValueError(self._too_short(split, windows.num_tokens))
         self.train_set, self.val_set, self.test_set = (self.splits[k] for k in ("train", "val", "test"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,47 @@ from typing import Any
 import torch
 from torch import nn
 
-from sift_lightning.sparse.masks import MASK_SUFFIX, sparse_modules
+from sift_lightning.sparse.masks import MASK_SUFFIX, sparse_modules, upgrade_mask_keys
 
+from sift_lightning.data._common import one_line
 from sift_lightning.export.csr import _CSRWeight, sparse_export
 from sift_lightning.export.folding import _drop_masks, dense_state_dict, fold
 
-__all__ = ['export_checkpoint', 'export_main', 'format_summary']
+__all__ = ['check_checkpoint', 'export_checkpoint', 'export_main', 'format_summary', 'read_checkpoint']
 
 # ---------------------------------------------------------------- checkpoints: what sift-fit export does
+def check_checkpoint(path: str | Path) -> None:
+    """Raise a one-line error unless ``path`` is a checkpoint file ``torch.load`` can read.
+
+    Cheap enough to run before a long job: tensors are memory-mapped, not read (a zip checkpoint
+    cut short has lost its central directory, so truncation is still caught).
+    """
+    read_checkpoint(path, mmap=True)
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` on CPU; a missing, truncated or corrupt file raises one line naming it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (or is a folder).
+        ValueError: the file is not a readable PyTorch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {path} {what}; pass the path of a .ckpt file "
+                                "(e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as err:  # noqa: BLE001  PytorchStreamReader, UnpicklingError, EOFError, ...
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {one_line(err)}; "
+                         "use another checkpoint of the run (best-*.ckpt, or an earlier copy) or train again") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a .ckpt "
+                         "written by Lightning (sift-fit fit)")
+    return checkpoint
+
+
 def _module_class(checkpoint: dict[str, Any]) -> type:
     from sift_lightning.modules import ImageClassifier, LanguageModel
 
@@ -98,7 +132,7 @@ def export_checkpoint(
 
     Args:
         ckpt_path: a checkpoint written while ``SparsityCallback`` trained the module (its settings
-            under ``checkpoint["sift_lightning"]["callback"]`` rebuild the structure), or a dense one.
+            under ``checkpoint["sift_lightning"]`` rebuild the structure), or a dense one.
         out_path: the state dict to write; the program goes to the same name with ``.pt2``.
         program: also save a ``torch.export`` program.
         batch_sizes, min_speedup: passed to ``sparse_export`` for Wide and Factorized.
@@ -113,12 +147,13 @@ def export_checkpoint(
         vs. trained model), ``csr_layers`` and ``notes``. ``format_summary`` prints it in one line.
     """
     from sift_lightning.flops import count_flops
-    from sift_lightning.modules._restore import SIFT_CHECKPOINT_KEY
+    from sift_lightning.modules._restore import SIFT_CHECKPOINT_KEY, saved_settings
 
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    settings = (checkpoint.get(SIFT_CHECKPOINT_KEY) or {}).get("callback")
-    if settings is None and any(k.endswith(MASK_SUFFIX) for k in checkpoint.get("state_dict", {})):
+    checkpoint = read_checkpoint(ckpt_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    settings = saved_settings(checkpoint)
+    if settings is None and any(k.endswith(MASK_SUFFIX) for k in upgrade_mask_keys(checkpoint.get("state_dict", {}))):
         raise ValueError(f"{ckpt_path} holds sparse masks but no '{SIFT_CHECKPOINT_KEY}' settings to rebuild "
                          "its structure from; was it written by SparsityCallback?")
     family = "dense" if settings is None else settings.get("transform")
@@ -129,7 +164,7 @@ def export_checkpoint(
     csr = None
     if family in (None, "dense", "sparse_parallel", "sparse_doped"):
         shipped = cls(**module.hparams).backbone.eval()  # the plain architecture, fresh
-        shipped.load_state_dict(dense_state_dict(fold(trained, family=family)), strict=True)
+        shipped.load_state_dict(dense_state_dict(fold(trained, member=family)), strict=True)
         torch.save(shipped.state_dict(), out_path)
         report = count_flops(shipped, example)
     else:

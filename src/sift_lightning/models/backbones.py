@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import timm
@@ -9,7 +10,7 @@ from torch import nn
 
 from sift_lightning.models import cifar_resnet  # noqa: F401  registers cifar_resnet* with timm
 
-__all__ = ["create_backbone", "has_cifar_stem"]
+__all__ = ["create_backbone", "has_cifar_stem", "unknown_backbone_message"]
 
 
 def _is_resnet(model: nn.Module) -> bool:
@@ -45,6 +46,18 @@ def _apply_cifar_stem(model: nn.Module, name: str) -> None:
     model.maxpool = nn.Identity()
 
 
+def unknown_backbone_message(name: str, limit: int = 5) -> str:
+    """``unknown backbone 'resnt18'; did you mean resnet18, resnet10t, ...?``: timm's names, most similar first."""
+    names = timm.list_models()
+    # a name cut short ("vit_tiny") first, shortest first; then spelling mistakes, most similar first
+    close = sorted((n for n in names if n.startswith(name.lower())), key=len)[:limit]
+    close += [n for n in difflib.get_close_matches(name.lower(), names, n=limit, cutoff=0.6) if n not in close]
+    close = close[:limit]
+    if close:
+        return f"unknown backbone {name!r}; did you mean {', '.join(close)}?"
+    return f"unknown backbone {name!r}; pick a name from timm.list_models() (e.g. resnet18, resnet50, vit_small_patch16_224)"
+
+
 def create_backbone(
     name: str,
     num_classes: int,
@@ -67,9 +80,8 @@ def create_backbone(
     Raises:
         ValueError: unknown model name (with close matches), or ``cifar_stem`` on a non-ResNet.
     """
-    if name not in timm.list_models() and not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown timm model {name!r}; close matches: {', '.join(close) or 'none'}")
+    if not timm.is_model(name):
+        raise ValueError(unknown_backbone_message(name))
     model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     if cifar_stem and not getattr(model, "cifar_native", False):
         _apply_cifar_stem(model, name)
