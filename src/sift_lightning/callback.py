@@ -10,11 +10,19 @@ Glue only; the engine keeps the invariants (see ``sift_lightning.sparse.engine``
   ``optimizer.step(closure)``, so the engine's own step pre-hook would come too early here.
 - ``on_train_batch_end``: FLOP accounting and logging; a step the GradScaler skipped is discarded.
 - ``state_dict``: the engine's and the FLOP counter's state.
+
+Weight averaging (Lightning's ``EMAWeightAveraging``/``WeightAveraging`` and
+``StochasticWeightAveraging``) averages weights over time, and with buffers the masks too: after
+every averaging step the averaged model takes the live masks (boolean, unchanged) and its masked
+weights are zeroed, so the averaged model -- the one those callbacks checkpoint and hand back at
+the end of training -- is exactly as sparse as the trained one. Logs stay off the hot path: scalars
+at the logging interval, images and histograms (TensorBoard) at mask updates only.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from functools import partial
@@ -22,11 +30,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging, Timer, WeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from sift_lightning.flops.training import TrainingFlops
+from sift_lightning.sparse.masks import apply_masks, get_mask, set_mask, sparse_parameters
 from sift_lightning.modules._restore import SIFT_CHECKPOINT_KEY, saved_settings
 from sift_lightning.sparse.engine import DynamicSparsity, SupportsTransform, check_checkpoint_fits
 from sift_lightning.sparse.settings import SparsitySettings
@@ -42,7 +53,9 @@ class SparsityCallback(pl.Callback):
             docstrings): transform, algorithm, distribution, init, update_frequency, drop_fraction,
             drop_schedule, end, include, exclude, keep_ends_dense, transform_options, match_flops,
             sparse_init_scale, parametrization, seed.
-        log_per_layer: log each layer's density too.
+        log_per_layer: log per-layer images to TensorBoard at mask updates: each layer's density and
+            ITOP over time as heatmaps, a few layers' masks; and histograms of the active weights and
+            of the grow scores.
         settings: a ready ``SparsitySettings`` instead of the individual arguments.
     """
 
@@ -89,6 +102,8 @@ class SparsityCallback(pl.Callback):
         self.flops = TrainingFlops()
         self._load_hook: Any = None
         self._logged_updates = 0
+        self._itop_history: list[list[float]] = []  # per-layer ITOP at each update: the heatmap's columns
+        self._warned_loss = False
 
     @property
     def state_key(self) -> str:
@@ -111,6 +126,12 @@ class SparsityCallback(pl.Callback):
                 f"{pruning[0]} and SparsityCallback cannot be combined: both mask the same weights (torch's pruning "
                 "reparametrises them); use SparsityCallback(transform=None, ...) for sparse training alone"
             )
+        mine = next(i for i, c in enumerate(trainer.callbacks) if c is self)
+        earlier = [type(c).__name__ for c in trainer.callbacks[:mine]
+                   if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
+        if earlier:  # it would copy the model before the member is applied, and average another structure
+            raise ValueError(f"put SparsityCallback before {earlier[0]} in the Trainer's callbacks: the averaging "
+                             "callback copies the model at setup, which must already be sparse")
         if self.settings.transform == "sparse_wide" and not isinstance(pl_module, SupportsTransform):
             raise ValueError(_NEEDS_SWAP.format(transform="sparse_wide", module=type(pl_module).__name__))
         if self.engine.apply(pl_module) is not pl_module:
@@ -147,9 +168,64 @@ class SparsityCallback(pl.Callback):
         for opt in trainer.optimizers:
             self.engine.attach(opt, max(1, int(total)))
         self.engine.check_coverage()
+        self._warn_if_masks_cannot_move(trainer, int(total))
+        self._guard_weight_averaging(trainer, pl_module)
+        self._log_hyperparams(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.detach()
+        apply_masks(pl_module)  # whatever a callback copied in at the end (averaged weights), masked is 0
+        s = self.settings
+        if s.algorithm != "static" and self.engine.updates == 0 and trainer.global_step > 0:
+            warnings.warn(f"no mask update happened in this run's {trainer.global_step} optimizer steps "
+                          f"(update_frequency={s.update_frequency}): {s.algorithm} trained static masks; lower "
+                          "update_frequency or train longer", stacklevel=2)
+
+    def _warn_if_masks_cannot_move(self, trainer: pl.Trainer, total: int) -> None:
+        s = self.settings
+        if s.algorithm == "static":
+            return
+        end_step = int(s.end * total)
+        if end_step < s.update_frequency:
+            warnings.warn(f"end={s.end} of {total} optimizer steps is step {end_step}, before the first mask update at "
+                          f"step {s.update_frequency}: masks never change; lower update_frequency or raise end",
+                          stacklevel=2)
+        if any(isinstance(c, Timer) and c.time_remaining() is not None for c in trainer.callbacks):
+            warnings.warn(f"max_time may stop this run before its {total} estimated steps, so `end` (step {end_step}) "
+                          "may never come and the drop fraction will not decay; set max_steps to place end",
+                          stacklevel=2)
+
+    def _guard_weight_averaging(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Wrap each averaging callback's update so its averaged model keeps the live masks (see the module doc)."""
+        for c in trainer.callbacks:
+            if isinstance(c, WeightAveraging):
+                average = getattr(c, "_average_model", None)
+                if average is None or not hasattr(average, "module"):
+                    raise ValueError(f"{type(c).__name__} keeps no averaged model SparsityCallback can mask; "
+                                     "update Lightning or train without weight averaging")
+                update = average.update_parameters
+
+                def masked_update(model: nn.Module, _update: Any = update, _average: Any = average) -> None:
+                    _update(model)
+                    _take_masks(_average.module, pl_module)
+
+                average.update_parameters = masked_update
+                _take_masks(average.module, pl_module)
+            elif isinstance(c, StochasticWeightAveraging):
+                update = c.update_parameters
+
+                def masked_swa(average: nn.Module, model: nn.Module, *args: Any, _update: Any = update) -> None:
+                    _update(average, model, *args)
+                    _take_masks(average, model)
+
+                c.update_parameters = masked_swa
+
+    @rank_zero_only
+    def _log_hyperparams(self, trainer: pl.Trainer) -> None:
+        params = {f"sift/{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                  for k, v in self.settings.to_dict().items()}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -168,14 +244,49 @@ class SparsityCallback(pl.Callback):
         self.engine.discard_step()  # prepared but never stepped: the GradScaler skipped this step
         self.flops.add_batch(extract_batch_size(batch), trainer.world_size, trainer.accumulate_grad_batches,
                              self.engine.dense_gradient_steps)
-        if self.engine.updates != self._logged_updates or trainer.global_step % trainer.log_every_n_steps == 0:
-            self._log(trainer)
+        updated = self.engine.updates != self._logged_updates
+        if updated or trainer.global_step % trainer.log_every_n_steps == 0:
+            self._check_loss(trainer, outputs)
+            self._log(trainer, pl_module, updated)
 
-    def _log(self, trainer: pl.Trainer) -> None:
-        metrics = {**self.engine.metrics(self.log_per_layer), **self.flops.metrics(), **self.engine.take_update_metrics()}
+    def _check_loss(self, trainer: pl.Trainer, outputs: Any) -> None:
+        """A non-finite loss, said once (checked at the logging interval only: it syncs with the device)."""
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self._warned_loss or not torch.is_tensor(loss) or bool(torch.isfinite(loss).all()):
+            return
+        self._warned_loss = True
+        warnings.warn(f"the training loss is {loss.item()} at step {trainer.global_step}: the weights are diverging "
+                      "and mask updates are skipped while they are not finite; lower the learning rate or check the "
+                      "inputs for NaN/inf", stacklevel=2)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, updated: bool) -> None:
+        metrics = {**self.engine.metrics(), **self.flops.metrics(), **self.engine.take_update_metrics()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self._logged_updates = self.engine.updates
+        histograms = self.engine.take_update_histograms()
+        if updated and self.log_per_layer and trainer.is_global_zero:
+            writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+            if writers:
+                self._log_images(writers, pl_module, histograms, trainer.global_step)
+
+    def _log_images(self, writers: list[Any], pl_module: nn.Module, histograms: dict[str, torch.Tensor],
+                    step: int) -> None:
+        stats = self.engine.layer_stats()
+        self._itop_history.append([itop for _, itop, _ in stats.values()])
+        density = torch.tensor([[d for d, _, _ in stats.values()]]).T  # (layers, 1)
+        itop = torch.tensor(self._itop_history).T  # (layers, updates)
+        sparse = list(sparse_parameters(pl_module))
+        shown = {sparse[i] for i in sorted({0, len(sparse) // 2, len(sparse) - 1})} if sparse else set()
+        for w in writers:
+            w.add_image("sift/layer_density", _heatmap(density, 0.0, 1.0), step)
+            w.add_image("sift/layer_itop", _heatmap(itop, 0.0, 1.0), step)
+            for name, values in histograms.items():
+                if values.numel():
+                    w.add_histogram(name, values, step)
+            for full, owner, local, _ in shown:
+                mask = get_mask(owner, local)
+                w.add_image(f"sift_mask/{full}", mask.reshape(mask.shape[0], -1)[:256, :256].float().cpu()[None], step)
 
     # ---------------------------------------------------------------- checkpointed state
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -189,6 +300,28 @@ class SparsityCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
         self.flops.load_state_dict(state_dict)
+
+
+def _take_masks(average: nn.Module, live: nn.Module) -> None:
+    """Give an averaged copy of ``live`` its masks and zero its masked weights."""
+    masks = {full: get_mask(owner, local) for full, owner, local, _ in sparse_parameters(live)}
+    with torch.no_grad():
+        for full, owner, local, param in sparse_parameters(average):
+            set_mask(owner, local, masks[full])
+            param.masked_fill_(~get_mask(owner, local), 0.0)
+
+
+# a few anchors of matplotlib's viridis: dark (0) to yellow (1)
+_VIRIDIS = torch.tensor([[0.267, 0.005, 0.329], [0.229, 0.322, 0.546], [0.128, 0.567, 0.551],
+                         [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]])
+
+
+def _heatmap(values: torch.Tensor, lo: float, hi: float, cell: int = 12) -> torch.Tensor:
+    """A (3, H, W) image of a (rows, cols) matrix: one ``cell`` x ``cell`` square per entry, viridis colours."""
+    t = ((values.float() - lo) / max(hi - lo, 1e-12)).clamp(0, 1) * (len(_VIRIDIS) - 1)
+    i = t.floor().long().clamp(max=len(_VIRIDIS) - 2)
+    rgb = _VIRIDIS[i] + (t - i)[..., None] * (_VIRIDIS[i + 1] - _VIRIDIS[i])  # (rows, cols, 3)
+    return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).permute(2, 0, 1)
 
 
 _NEEDS_SWAP = ("transform={transform!r} rebuilds the network; {module} must implement transform_backbone(fn) "

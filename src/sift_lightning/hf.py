@@ -96,7 +96,9 @@ class SparsityTrainerCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs is None or self.engine.model is None:
             return
-        metrics = {**self.engine.metrics(self.log_per_layer), **self.engine.take_update_metrics()}
+        metrics = {**self.engine.metrics(), **self.engine.take_update_metrics()}
+        if self.log_per_layer:
+            metrics.update({f"sift_density/{n}": d for n, (d, _, _) in self.engine.layer_stats().items()})
         logs.update(metrics)  # seen by the callbacks after this one (put it first to reach TensorBoard)
         if state.log_history:
             state.log_history[-1].update(metrics)

@@ -43,6 +43,9 @@ from sift_lightning.sparse.masks import (
 )
 from sift_lightning.sparse.schedules import drop_fraction_at, is_update_step
 from sift_lightning.sparse.settings import SparsitySettings
+from sift_lightning.sparse.sharded import (
+    all_finite, full_tensor, gather_all, is_sharded, local_tensor, localize, shard_masks, sum_over_ranks, version, write_shard,
+)
 from sift_lightning.sparse.updaters import drop_and_grow, grow_scores
 from sift_lightning.transforms import transform
 from sift_lightning.transforms._surgery import candidate_layers
@@ -75,6 +78,7 @@ class _Entry:
     owner: nn.Module
     local: str
     param: nn.Parameter
+    grown: torch.Tensor | None = None  # flat indices grown at this layer's last update (their survival is logged)
     _keep: torch.Tensor | None = None
     _keep_of: tuple[int, int] = (0, -1)  # (id, version) of the mask the cached bits were made from
 
@@ -85,9 +89,9 @@ class _Entry:
     @property
     def keep(self) -> torch.Tensor:
         """``keep_bits`` of the mask, rebuilt only when the mask changed (an update, a loaded checkpoint)."""
-        mask = self.mask
-        if self._keep_of != (id(mask), mask._version):
-            self._keep, self._keep_of = keep_bits(mask, self.param.dtype), (id(mask), mask._version)
+        mask = self.mask  # under FSDP2: a DTensor, and the bits are those of this rank's shard
+        if self._keep_of != (id(mask), version(mask)):
+            self._keep, self._keep_of = keep_bits(local_tensor(mask), self.param.dtype), (id(mask), version(mask))
         return self._keep
 
 
@@ -122,7 +126,9 @@ class DynamicSparsity:
         self._ever_active: dict[str, torch.Tensor] = {}
         self._optimizers: list[_OptimizerState] = []
         self._loaded_steps: list[int] | None = None  # from load_state_dict before attach
+        self.skipped_updates = 0  # updates skipped because weights or gradients were not finite
         self._last_update: dict[str, float] = {}
+        self._last_histograms: dict[str, torch.Tensor] = {}
         self._covered = False
 
     # ------------------------------------------------------------ structure: before any optimizer
@@ -223,6 +229,7 @@ class DynamicSparsity:
                              "set max_steps or max_epochs")
         if any(st.optimizer is optimizer for st in self._optimizers):
             raise ValueError("this optimizer is attached already")
+        shard_masks(self.model)  # FSDP2: each mask a DTensor sharded like its parameter (sparse/sharded.py)
         owned = {id(p): _Entry(full, owner, local, p) for full, owner, local, p in sparse_parameters(self.model)}
         seen: set[int] = set()
         entries = []
@@ -236,8 +243,9 @@ class DynamicSparsity:
             st.step = self._loaded_steps[len(self._optimizers)]
         elif self._loaded_steps is not None and len(self._loaded_steps) == 1:
             st.step = self._loaded_steps[0]  # a checkpoint from before per-optimizer steps
+        self._ever_active = localize(self._ever_active, self.model)  # this rank's shards when sharded
         for e in entries:
-            self._ever_active.setdefault(e.name, e.mask.detach().cpu().clone())
+            self._ever_active.setdefault(e.name, local_tensor(e.mask).detach().cpu().clone())
         self._broadcast(entries)
         if hooks:
             st.handles = [optimizer.register_step_pre_hook(self._pre_hook),
@@ -307,7 +315,7 @@ class DynamicSparsity:
             st.pending = {e.name: e.param.grad.abs() for e in st.entries if e.param.grad is not None}
         for e in st.entries:
             if e.param.grad is not None:
-                zero_masked_(e.param.grad, e.keep)  # NaN-safe, unlike multiplying by the mask
+                zero_masked_(local_tensor(e.param.grad), e.keep)  # NaN-safe, unlike multiplying by the mask
 
     def discard_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Forget a prepared step that never ran (the GradScaler skipped it): its scores and gradients."""
@@ -342,40 +350,67 @@ class DynamicSparsity:
     def _mask_tensors(self, st: _OptimizerState) -> None:
         """Zero masked weights and every optimizer-state tensor shaped like them."""
         for e in st.entries:
-            keep = e.keep
-            zero_masked_(e.param, keep)
+            keep = e.keep  # sharded parameters: every tensor below is this rank's shard
+            zero_masked_(local_tensor(e.param), keep)
             for value in st.optimizer.state.get(e.param, {}).values():
                 if torch.is_tensor(value) and value.shape == e.param.shape:
-                    zero_masked_(value, keep)
+                    zero_masked_(local_tensor(value), keep)
 
     @torch.no_grad()
     def _update(self, st: _OptimizerState) -> None:
         s = self.settings
+        bad = [e.name for e in st.entries if not all_finite(e.param)
+               or (st.pending and e.name in st.pending and not all_finite(st.pending[e.name]))]
+        if bad:  # NaN |w| or scores would rank arbitrarily: keep the masks, say so once per run
+            self.skipped_updates += 1
+            if self.skipped_updates == 1:
+                warnings.warn(f"non-finite weights or gradients in {bad[0]} at optimizer step {st.step}: the mask update "
+                              "was skipped (lower the learning rate, check the inputs for NaN/inf)", stacklevel=2)
+            return
         fraction = drop_fraction_at(st.step, s.drop_fraction, st.end_step, s.drop_schedule)
-        before = []
+        before, grow_values = [], []
         for e in st.entries:
-            scores = grow_scores(s.algorithm, e.param, (st.pending or {}).get(e.name), self.generator)
-            new, _ = drop_and_grow(e.mask, e.param, scores, fraction)
-            before.append(e.mask.clone())
-            e.mask.copy_(new)
+            # sharded (FSDP2): the whole layer, gathered on every rank on update steps only, so the
+            # choice is one process's; each rank then keeps its slice (the loop below works on slices)
+            whole, weight = full_tensor(e.mask), full_tensor(e.param)
+            scores = grow_scores(s.algorithm, weight, full_tensor((st.pending or {}).get(e.name)), self.generator)
+            new, _ = drop_and_grow(whole, weight, scores, fraction)
+            grow_values.append(scores[new & ~whole].float().flatten())  # before write_shard: whole may be the mask
+            before.append(local_tensor(e.mask).clone())
+            write_shard(e.mask, new)
+            del whole, weight, scores
         self._broadcast(st.entries)
-        changed = active = 0
+        changed = active = survived = last_grown = 0
         for e, old in zip(st.entries, before):
-            mask = e.mask
+            mask = local_tensor(e.mask)
+            if e.grown is not None:  # positions grown at this layer's previous update, still active now
+                survived += int(mask.flatten()[e.grown].sum())
+                last_grown += e.grown.numel()
             grown = mask & ~old  # inactive before, active now: start at 0 with empty state (regrown keep theirs)
-            e.param.masked_fill_(grown, 0.0)
+            e.grown = grown.flatten().nonzero().squeeze(1)
+            local_tensor(e.param).masked_fill_(grown, 0.0)
             for value in st.optimizer.state.get(e.param, {}).values():
                 if torch.is_tensor(value) and value.shape == e.param.shape:
-                    value.masked_fill_(grown, 0)
+                    local_tensor(value).masked_fill_(grown, 0)
             changed += int((mask ^ old).sum())
             active += int(mask.sum())
             self._ever_active[e.name] |= mask.cpu()
+        changed, active, survived, last_grown = sum_over_ranks(  # counted on shards: whole-layer totals
+            [changed, active, survived, last_grown], any(is_sharded(e.mask) for e in st.entries))
         self._last_update = {"sift/drop_fraction": fraction, "sift/mask_change": changed / max(active, 1)}
+        if last_grown:
+            self._last_update["sift/grown_survival"] = survived / last_grown
+        self._last_histograms = {
+            "sift_hist/active_weights": _sample(torch.cat([local_tensor(e.param)[local_tensor(e.mask)].abs().float().flatten()
+                                                           for e in st.entries])),  # sharded: this rank's slices
+            "sift_hist/grow_scores": _sample(torch.cat(grow_values)) if grow_values else torch.zeros(0),
+        }
         self.updates += 1
         self.dense_gradient_steps += s.algorithm == "rigl"
 
     def _broadcast(self, entries: list[_Entry]) -> None:
         """Rank 0's masks everywhere: equal by construction, broadcast so they cannot drift."""
+        entries = [e for e in entries if not is_sharded(e.mask)]  # a sharded mask has one owner per slice
         if not entries or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         flat = torch.cat([e.mask.flatten() for e in entries]).to(torch.uint8)
@@ -387,27 +422,41 @@ class DynamicSparsity:
             offset += n
 
     # ------------------------------------------------------------ what a logger shows
-    def metrics(self, per_layer: bool = True) -> dict[str, float]:
-        """Density, ITOP rate (share of weights ever active) and, with ``per_layer``, each layer's density."""
-        counts = {full: int(get_mask(owner, local).sum()) for full, owner, local, _ in sparse_parameters(self.model)}
-        sizes = {full: p.numel() for full, _, _, p in sparse_parameters(self.model)}
-        total = max(sum(sizes.values()), 1)
-        ever = sum(int(self._ever_active[n].sum()) if n in self._ever_active else counts[n] for n in counts)
-        out = {"sift/density": sum(counts.values()) / total, "sift/itop_rate": ever / total}
-        if per_layer:
-            out.update({f"sift_density/{n}": counts[n] / sizes[n] for n in counts})
+    def metrics(self) -> dict[str, float]:
+        """Density and ITOP rate (share of the sparse weights ever active) over every sparse layer."""
+        stats = self.layer_stats()
+        total = max(sum(n for _, _, n in stats.values()), 1)
+        return {"sift/density": sum(d * n for d, _, n in stats.values()) / total,
+                "sift/itop_rate": sum(i * n for _, i, n in stats.values()) / total}
+
+    def layer_stats(self) -> dict[str, tuple[float, float, int]]:
+        """Each sparse parameter's ``(density, ITOP rate, numel)``, in model order."""
+        out = {}
+        for full, owner, local, p in sparse_parameters(self.model):
+            mask = get_mask(owner, local)
+            active = int(local_tensor(mask).sum())
+            ever = int(self._ever_active[full].sum()) if full in self._ever_active else active
+            if is_sharded(mask):  # counted on this rank's slices (every rank logs, so every rank sums)
+                active, ever = sum_over_ranks([active, ever], True)
+            out[full] = (active / p.numel(), ever / p.numel(), p.numel())
         return out
 
     def take_update_metrics(self) -> dict[str, float]:
-        """The last mask update's drop fraction and mask change (share of active positions that moved), once."""
+        """The last mask update's drop fraction, mask change (share of active positions that moved) and
+        the share of the previous update's grown weights still active (``sift/grown_survival``), once."""
         out, self._last_update = self._last_update, {}
         return out
+
+    def take_update_histograms(self) -> dict[str, torch.Tensor]:
+        """The last update's |active weights| and the grow scores of the positions it grew (CPU, sampled), once."""
+        out, self._last_histograms = self._last_histograms, {}
+        return {k: v.cpu() for k, v in out.items()}
 
     # ------------------------------------------------------------ checkpointed state
     def state_dict(self) -> dict[str, Any]:
         return {
             "generator": self.generator.get_state(),
-            "ever_active": {k: v.clone() for k, v in self._ever_active.items()},
+            "ever_active": gather_all(self._ever_active, self.model),  # sharded: whole, gathered on every rank
             "steps": self.steps,
             "step": self.steps[0],  # the first optimizer's, for readers of older checkpoints
         }
@@ -415,7 +464,7 @@ class DynamicSparsity:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the engine; before ``attach`` the step counts wait for the optimizers, in attach order."""
         self.generator.set_state(state["generator"])
-        self._ever_active = {k: v.clone() for k, v in state["ever_active"].items()}
+        self._ever_active = localize({k: v.clone() for k, v in state["ever_active"].items()}, self.model)
         steps = list(state.get("steps") or [state["step"]])
         if not self._optimizers:
             self._loaded_steps = steps
@@ -424,6 +473,13 @@ class DynamicSparsity:
             raise ValueError(f"engine state holds {len(steps)} optimizers' steps but {len(self._optimizers)} are attached")
         for i, st in enumerate(self._optimizers):
             st.step = steps[i] if len(steps) > 1 else steps[0]
+
+
+def _sample(values: torch.Tensor, limit: int = 65536) -> torch.Tensor:
+    """At most ``limit`` evenly spaced values: enough for a histogram, cheap to log."""
+    if values.numel() <= limit:
+        return values.detach()
+    return values.detach()[:: values.numel() // limit][:limit]
 
 
 def check_checkpoint_fits(model: nn.Module, state_dict: dict[str, Any], saved: dict[str, Any] | None,
