@@ -1,0 +1,56 @@
+"""Silent misreadings that now get one line: the settings' inputs, and sparse checkpoints trained on dense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sift_lightning import ImageClassifier, SparsityCallback, SparsitySettings
+from sift_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+TINY = dict(channels=(8, 16, 32, 64))
+
+
+def _data() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)),
+                      batch_size=4)
+
+
+def _module() -> ImageClassifier:
+    return ImageClassifier("resnet18", 10, in_chans=1, image_size=16, backbone_kwargs=TINY)
+
+
+def test_dense_run_with_an_invalid_sparsity_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--sift.transform", "dense", "--sift.sparsity", "1.5"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "sift-fit: error: --sift.sparsity must be a number in (0, 1) such as 0.5, 0.75 or 0.9, got 1.5"
+
+
+def test_patterns_given_as_one_string_are_one_pattern():
+    s = SparsitySettings(include="layer4*", exclude="layer4.0.conv1")
+    assert s.include == ["layer4*"] and s.exclude == ["layer4.0.conv1"]
+
+
+def test_resuming_a_sparse_checkpoint_without_the_callback_is_refused(tmp_path):
+    trainer = pl.Trainer(max_steps=2, callbacks=[SparsityCallback(0.5, transform="sparse_doped", algorithm="static")],
+                         enable_checkpointing=False, **QUIET)
+    trainer.fit(_module(), _data())
+    trainer.save_checkpoint(tmp_path / "sparse.ckpt")
+    dense = pl.Trainer(max_steps=4, enable_checkpointing=False, **QUIET)
+    with pytest.raises(ValueError, match=r"^checkpoint was trained sparse \(transform='sparse_doped', sparsity=0.5\) but "
+                                         r"this run trains without SparsityCallback: its masked weights would grow back; "
+                                         r"resume it with the same sparsity settings \(sift-fit: --sift.transform "
+                                         r"sparse_doped --sift.sparsity 0.5\)"):
+        dense.fit(_module(), _data(), ckpt_path=tmp_path / "sparse.ckpt")
+    # evaluating it without the callback is fine: the structure is rebuilt from the checkpoint
+    results = pl.Trainer(**QUIET).test(_module(), _data(), ckpt_path=tmp_path / "sparse.ckpt")
+    assert "test/loss" in results[0]
