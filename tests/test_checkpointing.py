@@ -129,28 +129,21 @@ def _record(folder, ckpt_path=None, val=True, **limits) -> tuple[list[tuple[int,
         ({"max_steps": 7, "val_check_interval": 3}, {"max_steps": 16, "val_check_interval": 3}),
         # a finished epoch: the next epoch reads a new pass, not epoch 0's order again
         ({"max_epochs": 1}, {"max_epochs": 2}),
-        ({"max_epochs": 1, "val": False}, {"max_steps": 14, "val": False}),
+        ({"max_epochs": 1}, {"max_steps": 14}),  # (Lightning replays a finished epoch when resuming by steps)
         # limit_train_batches ends the epoch before the pass runs out: the rest of the pass is not read
         ({"max_epochs": 1, "limit_train_batches": 5}, {"max_epochs": 3, "limit_train_batches": 5}),
-        ({"max_steps": 5, "limit_train_batches": 5, "val": False}, {"max_steps": 13, "limit_train_batches": 5, "val": False}),
+        ({"max_steps": 5, "limit_train_batches": 5}, {"max_steps": 13, "limit_train_batches": 5}),
     ],
     ids=["max_steps-mid-epoch", "max_steps-after-validation", "epoch-end", "epoch-end-then-max_steps",
          "limited-epoch-end", "limited-epoch-end-max_steps"],
 )
-def test_last_ckpt_of_a_finished_run_continues_like_one_run(tmp_path, first, then):
+@pytest.mark.parametrize("val", [True, False], ids=["validating", "no-validation"])
+def test_last_ckpt_of_a_finished_run_continues_like_one_run(tmp_path, first, then, val):
     """Resuming a finished run's last.ckpt with a larger budget trains exactly the batches one run would."""
-    uninterrupted, steps = _record(tmp_path / "one", **then)
-    before, _ = _record(tmp_path / "first", **first)
-    after, resumed_steps = _record(tmp_path / "resumed", ckpt_path=str(tmp_path / "first" / "last.ckpt"), **then)
+    uninterrupted, steps = _record(tmp_path / "one", val=val, **then)
+    before, _ = _record(tmp_path / "first", val=val, **first)
+    after, resumed_steps = _record(tmp_path / "resumed", ckpt_path=str(tmp_path / "first" / "last.ckpt"), val=val,
+                                   **then)
     assert before + after == uninterrupted  # same epochs, batch indices and samples, in order
     assert resumed_steps == steps == len(uninterrupted)
 
-
-def test_epoch_end_checkpoint_resumed_by_max_steps_after_a_validation(tmp_path):
-    """Lightning 2.6 replays a finished epoch on resume by max_steps; after an epoch-end validation
-    that replay reads no batch, so one empty epoch is counted: samples and steps stay exact."""
-    uninterrupted, steps = _record(tmp_path / "one", max_steps=14)
-    before, _ = _record(tmp_path / "first", max_epochs=1)
-    after, resumed_steps = _record(tmp_path / "resumed", ckpt_path=str(tmp_path / "first" / "last.ckpt"), max_steps=14)
-    assert [s[1:] for s in before + after] == [s[1:] for s in uninterrupted] and resumed_steps == steps == 14
-    assert {s[0] for s in after} == {2}  # one run: epoch 1 (Lightning's restart counts an empty epoch)

@@ -122,6 +122,21 @@ def test_last_ckpt_is_the_final_step_after_a_mid_epoch_validation(tmp_path, monk
     assert ckpt["global_step"] == 5  # Lightning's own ModelCheckpoint leaves it at the step-4 validation
 
 
+@needs_fmnist
+def test_finished_run_resumes_with_more_steps(tmp_path, monkeypatch):
+    """quickstart.yaml (max_epochs: 1) stopped by max_steps=4, resumed from its last.ckpt with max_steps=8:
+    Lightning 2.6 had counted epoch 0 as done and trained 0 more steps."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), *FAST, "--data.init_args.batch_size", "8"]
+    main(args)
+    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    main([*args, "--trainer.max_steps", "8", "--ckpt_path", str(last)])
+    resumed = torch.load(tmp_path / "runs" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt",
+                         map_location="cpu", weights_only=False)
+    assert (resumed["global_step"], resumed["epoch"]) == (8, 0)
+    assert resumed["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 8  # batch 8 of 150
+
+
 def test_checkpointing_and_logger_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), *FAST, "--data.init_args.batch_size", "8",

@@ -13,7 +13,11 @@ resumes at the *next* epoch: the rest of the epoch is skipped, and with ``max_ep
 nothing trains at all. Every checkpoint taken while this callback is on the trainer therefore
 records a cut-short epoch as still running (the state Lightning itself saves after a mid-epoch
 batch), and a resume with a larger ``max_steps`` reads the very next batch of the same epoch (the
-train loader is stateful).
+train loader is stateful). A checkpoint taken after an epoch ran to its end is recorded as "epoch
+completed, next one not begun", without the loader's position: Lightning 2.6 otherwise replays
+the finished epoch when resuming by ``max_steps``, and that replay reads one leftover batch, or
+none and then counts an empty epoch, depending on whether validation ran at the epoch's end. The
+next epoch then reads a new pass from its start (``first_pass`` in ``data._common``).
 """
 
 from __future__ import annotations
@@ -37,9 +41,25 @@ class ModelCheckpoint(_LightningModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> dict:
         epochs = trainer.fit_loop.epoch_progress.current
-        if epochs.processed == epochs.started > 0 and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
-            _reopen_epoch(checkpoint)  # the epoch was cut short: see the module docstring
+        if epochs.processed == epochs.started > 0:  # saved after the epoch loop ended
+            if trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+                _close_epoch(checkpoint)
+            else:
+                _reopen_epoch(checkpoint)  # the epoch was cut short: see the module docstring
         return super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+
+def _close_epoch(checkpoint: dict) -> None:
+    """Mark the saved fit loop's last epoch as completed, and the next one as not begun."""
+    loop = checkpoint["loops"]["fit_loop"]
+    progress = loop["epoch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        counts["completed"] = counts["processed"]
+    batches = loop["epoch_loop.batch_progress"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+    loop["state_dict"].pop("combined_loader", None)  # the next epoch reads a new pass from its start
+    checkpoint["epoch"] = progress["current"]["completed"]
 
 
 def _reopen_epoch(checkpoint: dict) -> None:
