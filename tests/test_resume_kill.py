@@ -75,6 +75,8 @@ def test_kill_9_mid_epoch_then_resume_from_last(tmp_path, monkeypatch):
                      map_location="cpu", weights_only=False)
     state, masks = resumed["state_dict"], _masks(resumed["state_dict"])
     assert masks and all(m.dtype == torch.bool for m in masks.values())
+    active, total = sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+    assert active == pytest.approx(0.5 * total, abs=len(masks))  # s = 0.5, each layer rounded once
     for name, mask in masks.items():
         assert int(state[name][~mask].count_nonzero()) == 0, name  # no masked weight came back
         assert int(mask.sum()) == int(_masks(saved["state_dict"])[name].sum()), name  # active count per layer kept

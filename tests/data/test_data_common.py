@@ -160,3 +160,20 @@ def test_trainer_resume_is_exact_across_epochs(tmp_path, resume_at):
     fit(14, callbacks=[ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=resume_at, save_top_k=-1)])
     resumed = fit(14, ckpt_path=str(next((tmp_path / "ckpt").glob(f"*step={resume_at}.ckpt"))))
     assert uninterrupted[:resume_at] + resumed == uninterrupted
+
+
+def test_sampler_starts_at_the_trainers_epoch_and_drops_a_finished_pass():
+    """``first_pass`` = epochs the trainer finished; a loader state from one of them reads nothing, then the next pass."""
+    from sift_lightning.data._common import EpochShuffleSampler
+
+    fresh = EpochShuffleSampler(12, seed=3)
+    passes = [list(fresh) for _ in range(3)]
+    assert len({tuple(p) for p in passes}) == 3 and all(sorted(p) == list(range(12)) for p in passes)
+    assert list(EpochShuffleSampler(12, seed=3, first_pass=2)) == passes[2]
+
+    mid = EpochShuffleSampler(12, seed=3, first_pass=1)
+    mid.load_state_dict({"epoch": 1, "yielded": 5})  # the epoch being trained: continue it
+    assert list(mid) == passes[1][5:] and list(mid) == passes[2]
+    done = EpochShuffleSampler(12, seed=3, first_pass=2)
+    done.load_state_dict({"epoch": 1, "yielded": 5})  # an epoch the trainer finished: replayed empty
+    assert list(done) == [] and list(done) == passes[2]
