@@ -85,7 +85,8 @@ class EpochShuffleSampler(Sampler[int]):
     does not load the loader's state (training by ``max_epochs``: the next pass is ``first_pass``)
     or loads it and replays the finished epoch (by ``max_steps``): that replay must read nothing,
     even when ``limit_train_batches`` stopped the epoch before the pass ran out, so a state from a
-    finished epoch becomes "that pass read to its end".
+    finished epoch becomes "that pass read to its end". (Our ``ModelCheckpoint`` saves no loader
+    state at an epoch's end at all; this rule serves checkpoints written without it.)
     """
 
     def __init__(self, size: int, seed: int, first_pass: int = 0) -> None:
