@@ -27,7 +27,7 @@ from sift_lightning.transforms._fold import masked_weight
 from sift_lightning.transforms._surgery import replace_module
 from sift_lightning.transforms.doped import SparseDoped
 from sift_lightning.transforms.factorized import SparseFactorized
-from sift_lightning.transforms.parallel import SparseParallel
+from sift_lightning.transforms.parallel import SparseParallel, norm_path
 
 
 __all__ = ['dense_state_dict', 'fold']
@@ -131,8 +131,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         slot = getattr(module, "sift_folded_norm", None)
         if slot is None:
             continue
-        parent = name.rpartition(".")[0]
-        bn = f"{parent}.{slot['name']}" if parent else slot["name"]
+        bn = norm_path(name, slot["name"])  # Res2Net's norm sits in a sibling list: "../bns.0"
         bias = state.pop(f"{name}.bias")
         if slot["conv_bias"]:
             state[f"{name}.bias"] = torch.zeros_like(bias)

@@ -82,8 +82,8 @@ def transform(
             official code's ``flop_budget`` search, solved in closed form). Default (``None``): on
             for ``sparse_wide`` when ``example_input`` is given -- its dense stem, classifier and
             depthwise convs grow with the width, +3% to +12% MACs on timm CNNs at 224 px -- off
-            otherwise. Without an input, Sparse Wide warns when it measures more than 2% over budget
-            at timm's configured input size.
+            otherwise. With it off, Sparse Wide warns when it measures more than 2% over budget (on
+            ``example_input``'s shape, else timm's configured input size), saying how far and the fix.
         example_input: one input batch, for ``match_flops`` (and Sparse Wide's shape check).
         **options: member options (e.g. ``branch_norm`` for Parallel, ``linear_act`` for Factorized).
 
@@ -108,17 +108,20 @@ def transform(
     out.sift_family = member  # the former name, read by code outside transforms/ until it switches over
     if budget is not None:
         match_flop_budget(out, example_input, budget)
-    elif member == "sparse_wide" and example_input is None:
-        _warn_over_budget(model, out)
+    elif member == "sparse_wide" and out is not model:
+        _warn_over_budget(model, out, example_input)
     return out
 
 
-def _warn_over_budget(dense_model: nn.Module, wide_model: nn.Module) -> None:
-    """Warn when Sparse Wide's dense parts push it over the budget at timm's configured input size."""
+def _warn_over_budget(dense_model: nn.Module, wide_model: nn.Module, example_input: Any) -> None:
+    """Warn when Sparse Wide's dense parts push it over the budget (on the meta device: no arithmetic).
+
+    Measured on ``example_input``'s shape, else on timm's configured input size (or 32x32).
+    """
     from sift_lightning.transforms._probe import meta_copy
     from sift_lightning.transforms.wide import _probe_input
 
-    x = _probe_input(dense_model, None)
+    x = _probe_input(dense_model, example_input)
     try:
         budget = count_dense(meta_copy(dense_model), x)
         from sift_lightning.flops import count_flops
@@ -130,7 +133,8 @@ def _warn_over_budget(dense_model: nn.Module, wide_model: nn.Module) -> None:
         warnings.warn(
             f"sparse_wide: the widened model costs {cost / budget - 1:+.1%} MACs over the dense one at a "
             f"{tuple(x.shape)} input (the stem, classifier and depthwise/grouped convs stay dense and grow with "
-            "the width); pass example_input= (one batch) to retune the sparsity to the dense budget",
+            "the width); pass example_input= (one batch) and leave match_flops on to retune the sparsity to the "
+            "dense budget",
             UserWarning,
             stacklevel=3,
         )

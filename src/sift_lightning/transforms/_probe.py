@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["ProbeFailure", "Trace", "meta_copy", "meta_input", "trace"]
 
@@ -29,10 +29,16 @@ class ProbeFailure(Exception):
 
 @dataclass
 class Trace:
-    """What one probe pass saw: the output's shapes and the Conv/Linear layers in call order."""
+    """What one probe pass saw: the output's shapes and the Conv/Linear layers in call order.
+
+    ``inputs``: the layers fed the model's input tensor itself; ``outputs``: the layers whose output
+    is the model's output tensor itself.
+    """
 
     out_shapes: Any = None
     layers: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
 
 
 def _shapes(out: Any) -> Any:
@@ -44,14 +50,20 @@ def trace(model: nn.Module, example_input: Any) -> Trace:
     names = {m: n or "(the model)" for n, m in model.named_modules()}
     stack: list[str] = []
     result = Trace()
+    given = {id(t) for t in tree_leaves(example_input) if isinstance(t, torch.Tensor)}
+    layer_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # keeps the tensors alive: ids stay unique
 
-    def pre(m: nn.Module, _args: Any) -> None:
+    def pre(m: nn.Module, args: Any) -> None:
         stack.append(names[m])
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             result.layers.append(names[m])
+            if args and id(args[0]) in given:
+                result.inputs.append(names[m])
 
-    def post(m: nn.Module, _args: Any, _out: Any) -> None:
+    def post(m: nn.Module, _args: Any, out: Any) -> None:
         stack.pop()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(out, torch.Tensor):
+            layer_outputs[id(out)] = (names[m], out)
 
     handles = [m.register_forward_pre_hook(pre) for m in names] + [m.register_forward_hook(post) for m in names]
     was_training = model.training
@@ -71,6 +83,7 @@ def trace(model: nn.Module, example_input: Any) -> Trace:
             h.remove()
         model.train(was_training)
     result.out_shapes = _shapes(out)
+    result.outputs = [layer_outputs[id(t)][0] for t in tree_leaves(out) if id(t) in layer_outputs]
     return result
 
 

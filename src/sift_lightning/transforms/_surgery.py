@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 # Subclasses whose forward differs from Conv2d's but still convolves with the raw ``weight``
-# (timm's "same" padding pads the input first). Anything else that overrides forward may compute
+# (timm's "same" padding pads the input first; timm's Linear casts it for AMP). Anything else that overrides forward may compute
 # an effective kernel (weight standardisation), which a mask on ``weight`` would not make sparse.
-RAW_WEIGHT_SUBCLASSES = ("timm.layers.conv2d_same.Conv2dSame",)
+RAW_WEIGHT_SUBCLASSES = ("timm.layers.conv2d_same.Conv2dSame", "timm.layers.linear.Linear")
 
 
 def is_candidate(module: nn.Module) -> bool:
@@ -189,22 +189,43 @@ def _channels(norm: nn.Module) -> int | None:
     return None
 
 
-def following_norm(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
-    """The norm registered right after conv ``name`` in the same parent, if its width matches.
+def following_norm(model: nn.Module, name: str) -> tuple[str, str, nn.Module] | None:
+    """The norm registered right after conv ``name``, if its width matches: ``(path, slot, norm)``.
 
-    timm, torchvision and most CNNs register a conv's norm right after it (``conv1, bn1``; timm's
-    ``ConvNormAct`` holds ``conv, bn``). Norms of the BatchNorm and GroupNorm families count, timm's
-    norm-act layers (``BatchNormAct2d``, ``GroupNormAct``: norm, then drop and activation) included.
+    ``slot`` is the norm's name relative to the conv's parent (``../`` climbs one level).
+    timm, torchvision and most CNNs register a conv's norm right after it in the same parent
+    (``conv1, bn1``; timm's ``ConvNormAct`` holds ``conv, bn``); Res2Net keeps them in two lists,
+    ``convs[i]`` and ``bns[i]``, registered one after the other. Norms of the BatchNorm and GroupNorm
+    families count, timm's norm-act layers (``BatchNormAct2d``, ``GroupNormAct``: norm, then drop
+    and activation) included.
     """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    children = list(parent.named_children())
-    keys = [k for k, _ in children]
-    i = keys.index(child)
-    if i + 1 >= len(children):
+    conv = parent.get_submodule(child)
+    found = _next_sibling(parent, child)
+    if found is not None and _channels(found[1]) is None:
+        found = None
+    slot = found[0] if found else None
+    if found is None and isinstance(parent, nn.ModuleList) and parent_name:
+        grand_name, _, list_name = parent_name.rpartition(".")
+        grand = model.get_submodule(grand_name) if grand_name else model
+        other = _next_sibling(grand, list_name)
+        if other is not None and isinstance(other[1], nn.ModuleList) and len(other[1]) == len(parent):
+            found = (f"{other[0]}.{child}", other[1][int(child)])
+            slot = f"../{found[0]}"
+    if found is None:
         return None
-    norm_name, norm = children[i + 1]
-    conv = children[i][1]
+    norm = found[1]
     if _channels(norm) == conv.out_channels and set(dict(norm.named_children())) <= {"act", "drop"}:
-        return (f"{parent_name}.{norm_name}" if parent_name else norm_name), norm
+        path = name.rpartition(".")[0]
+        where = slot
+        while where.startswith("../"):  # the same walk as parallel.norm_path
+            path, where = path.rpartition(".")[0], where[3:]
+        return (f"{path}.{where}" if path else where), slot, norm
     return None
+
+
+def _next_sibling(parent: nn.Module, child: str) -> tuple[str, nn.Module] | None:
+    keys = list(dict(parent.named_children()))
+    i = keys.index(child)
+    return (keys[i + 1], parent.get_submodule(keys[i + 1])) if i + 1 < len(keys) else None

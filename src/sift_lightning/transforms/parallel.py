@@ -42,12 +42,20 @@ from sift_lightning.transforms._surgery import (
     replace_module,
 )
 
-__all__ = ["NormActTail", "SparseParallel", "parallel_branches", "sparse_parallel"]
+__all__ = ["NormActTail", "SparseParallel", "norm_path", "parallel_branches", "sparse_parallel"]
 
 
 def parallel_branches(sparsity: float) -> int:
     """Number of branches ``n = round(1 / (1 - s))``."""
     return max(1, round(1.0 / (1.0 - sparsity)))
+
+
+def norm_path(layer_name: str, slot: str) -> str:
+    """Full name of the norm slot ``slot`` (relative to the parent of ``layer_name``; ``../`` climbs)."""
+    parent = layer_name.rpartition(".")[0]
+    while slot.startswith("../"):
+        parent, slot = parent.rpartition(".")[0], slot[3:]
+    return f"{parent}.{slot}" if parent else slot
 
 
 class NormActTail(nn.Module):
@@ -69,8 +77,9 @@ class SparseParallel(nn.Module):
 
     Args:
         branches: each a layer, or ``Sequential(layer, norm)``.
-        norm_slot: the name, in the parent, of the norm the branches took over (its ``Identity`` or
-            ``NormActTail`` stands there now); ``dense_state_dict`` rebuilds the plain norm there.
+        norm_slot: the name, relative to the parent (``../`` climbs a level), of the norm the branches
+            took over (its ``Identity`` or ``NormActTail`` stands there now); ``dense_state_dict``
+            rebuilds the plain norm there.
     """
 
     def __init__(self, branches: list[nn.Module], norm_slot: str | None = None) -> None:
@@ -177,10 +186,10 @@ def sparse_parallel(
         branches: list[nn.Module] = []
         for _ in range(n):
             conv = mark_sparse(_fresh_copy(layer), sparsity)
-            branches.append(nn.Sequential(conv, _fresh_copy(norm[1])) if norm else conv)
-        replace_module(model, name, SparseParallel(branches, norm[0].rpartition(".")[2] if norm else None))
+            branches.append(nn.Sequential(conv, _fresh_copy(norm[2])) if norm else conv)
+        replace_module(model, name, SparseParallel(branches, norm[1] if norm else None))
         if norm:
-            replace_module(model, norm[0], _tail(norm[1]))
+            replace_module(model, norm[0], _tail(norm[2]))
     if unnormed:
         warnings.warn(
             f"sparse_parallel: {len(unnormed)} layer(s) ({unnormed[0]}, ...) have no norm of their own after each "

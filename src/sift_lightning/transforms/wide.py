@@ -54,6 +54,11 @@ def _refuse(model: nn.Module, where: str, why: str) -> ValueError:
                       "Use sparse_parallel, sparse_factorized or sparse_doped for this model")
 
 
+def _is_scale(p: torch.Tensor) -> bool:
+    """A per-channel scale (timm's layer scale ``gamma``): one dim of size > 1, the rest 1."""
+    return sum(d > 1 for d in p.shape) == 1
+
+
 def _check_widenable(model: nn.Module) -> None:
     """Refuse, by name, every module that holds parameters no width map can resize."""
     for name, m in model.named_modules():
@@ -61,6 +66,8 @@ def _check_widenable(model: nn.Module) -> None:
         own = [k for k, p in m._parameters.items() if p is not None]
         if not own:
             continue
+        if not isinstance(m, RESIZABLE) and all(_is_scale(m._parameters[k]) for k in own):
+            continue  # per-channel scales: resized to the width, filled with their (constant) init value
         if not isinstance(m, RESIZABLE) or (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1):
             raise _refuse(model, where, f"is a {type(m).__name__} with parameters {', '.join(own)}")
         if isinstance(m, (nn.Conv2d, nn.Linear)) and (set(own) - {"weight", "bias"} or not uses_raw_weight(m)):
@@ -74,22 +81,42 @@ def _width(factor: float):
     return w
 
 
-def _widen_(model: nn.Module, factor: float, first: str, last: str) -> nn.Module:
+@torch.no_grad()
+def _widen_scales_(m: nn.Module, w: Any) -> None:
+    """Resize ``m``'s per-channel scale parameters to ``w(c)`` entries of their init value."""
+    for k, p in list(m._parameters.items()):
+        if p is None:
+            continue
+        if not p.is_meta and p.numel() and not bool((p == p.flatten()[0]).all()):
+            raise ValueError(f"its {k} holds trained per-channel values, not one init value to extend")
+        shape = tuple(w(d) if d > 1 else d for d in p.shape)
+        new = torch.empty(shape, dtype=p.dtype, device=p.device)
+        if not p.is_meta:
+            new.fill_(p.flatten()[0])
+        m._parameters[k] = nn.Parameter(new, requires_grad=p.requires_grad)
+
+
+def _widen_(model: nn.Module, factor: float, first: set[str], last: set[str]) -> nn.Module:
     """Resize every layer of ``model`` in place: each hidden width ``c`` -> ``floor(k c)``.
 
     Widths map through one function of their value, so layers that agreed before agree after:
-    ``first`` keeps its inputs, ``last`` its outputs, everything between grows.
+    the layers in ``first`` keep their inputs, those in ``last`` their outputs, everything between grows.
     """
     w = _width(factor)
     for name, m in list(model.named_modules()):
         if not isinstance(m, RESIZABLE):
+            if any(p is not None for p in m._parameters.values()):
+                try:
+                    _widen_scales_(m, w)
+                except ValueError as err:
+                    raise _refuse(model, name, f"cannot be widened ({err})") from None
             continue
         try:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 conv = isinstance(m, nn.Conv2d)
                 d_in, d_out = (m.in_channels, m.out_channels) if conv else (m.in_features, m.out_features)
-                c_in = d_in if name == first else w(d_in)
-                c_out = d_out if name == last else w(d_out)
+                c_in = d_in if name in first else w(d_in)
+                c_out = d_out if name in last else w(d_out)
                 if conv:
                     # depthwise (and channel-multiplier) convs keep one group per input channel;
                     # grouped convs keep their group count
@@ -119,10 +146,11 @@ def _probe_input(model: nn.Module, example_input: Any) -> Any:
     if example_input is not None:
         return meta_input(example_input)
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    like = {"device": "meta", "dtype": first.weight.dtype}
     if isinstance(first, nn.Linear):
-        return torch.zeros(1, first.in_features, device="meta")
+        return torch.zeros(1, first.in_features, **like)
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (first.in_channels, 32, 32))
-    return torch.zeros(1, first.in_channels, *size[-2:], device="meta")
+    return torch.zeros(1, first.in_channels, *size[-2:], **like)
 
 
 def _widen_cnn(model: nn.Module, factor: float, example_input: Any = None) -> nn.Module:
@@ -133,12 +161,13 @@ def _widen_cnn(model: nn.Module, factor: float, example_input: Any = None) -> nn
         dense = trace(meta_copy(model), x)
     except ProbeFailure as err:
         raise ValueError(
-            f"sparse_wide needs an input to check the widened model, and the dense model fails on a {tuple(x.shape)} "
-            f"one ({err}); pass example_input= with one input batch"
+            f"sparse_wide cannot widen {type(model).__name__} unchecked: it runs the widened model once to check it, and "
+            f"the dense model fails on a {tuple(x.shape)} probe input ({err}); pass example_input= (one input batch)"
         ) from None
     if not dense.layers:
         raise _refuse(model, "(the model itself)", "calls no Conv2d/Linear layer")
-    first, last = dense.layers[0], dense.layers[-1]
+    # the layers that read the model's input keep their inputs; those that write its output keep theirs
+    first, last = set(dense.inputs or dense.layers[:1]), set(dense.outputs) | {dense.layers[-1]}
     try:
         wide = trace(_widen_(meta_copy(model), factor, first, last), x)
     except ProbeFailure as err:
@@ -146,7 +175,7 @@ def _widen_cnn(model: nn.Module, factor: float, example_input: Any = None) -> nn
                                         f"{str(err).split(': ', 2)[-1]}): a width it holds outside its layers "
                                         "(a channel split, a concatenation, a fixed index) does not follow") from None
     if wide.out_shapes != dense.out_shapes:
-        raise _refuse(model, last, f"leaves the widened model with outputs {wide.out_shapes} instead of "
+        raise _refuse(model, dense.layers[-1], f"leaves the widened model with outputs {wide.out_shapes} instead of "
                                    f"{dense.out_shapes}: a width outside the layers does not follow")
     return _widen_(copy.deepcopy(model), factor, first, last)
 
