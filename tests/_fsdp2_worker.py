@@ -1,10 +1,16 @@
 """One training run of a tiny Sparse Wide GPT with RigL, for tests/test_fsdp2.py.
 
-``python tests/_fsdp2_worker.py MODE OUT`` with MODE ``single`` (one process), or under
-``torchrun --nproc_per_node 2`` with MODE ``ddp`` (torch DDP) or ``fsdp2`` (``shard_model``).
+``python tests/_fsdp2_worker.py MODES OUT`` with MODES ``single`` (one process), or under
+``torchrun --nproc_per_node 2`` with MODES ``ddp`` (torch DDP), ``fsdp2`` (``shard_model``) and/or
+``lightning`` (below), comma-separated, in one launch.
 Every mode sees the same global batches (each of two ranks takes half of each). After every step
 each rank checks its own shards: masked weights and every optimizer-state tensor exactly 0, the
 active count per layer unchanged. Rank 0 writes the whole masks and weights at the end to OUT/MODE.pt.
+
+MODE ``lightning`` (2 processes) trains ``LanguageModel`` with ``SparsityCallback`` under Lightning's
+``ModelParallelStrategy``: 8 steps straight (``lightning.pt``), and 4 steps, a distributed
+checkpoint (OUT/sharded.ckpt/), then a resume to 8 (``resumed.pt``; the state at 4: ``at4.pt``).
+``lightning_run`` is the same run in one process, for the test to compare against.
 """
 
 from __future__ import annotations
@@ -12,18 +18,22 @@ from __future__ import annotations
 import os
 import sys
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader, TensorDataset
 
-from sift_lightning import GPT, DynamicSparsity, GPTConfig, SparsitySettings
+from sift_lightning import GPT, DynamicSparsity, GPTConfig, LanguageModel, OptimConfig, SparsitySettings, SparsityCallback
 from sift_lightning.parallel import shard_model
 from sift_lightning.sparse.masks import get_mask, sparse_parameters
-from sift_lightning.sparse.sharded import full_tensor, local_tensor, mask_bytes
+from sift_lightning.sparse.sharded import full_tensor, is_sharded, local_tensor, mask_bytes
 
 SETTINGS = dict(sparsity=0.75, transform="sparse_wide", algorithm="rigl", update_frequency=2, drop_fraction=0.5,
                 end=1.0, seed=3)
 STEPS, BATCH, T = 8, 8, 16
+WORLD = 1  # processes of the Lightning run being built
 
 
 def _violations(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
@@ -40,7 +50,7 @@ def _violations(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]
 def main(mode: str, out: str) -> None:
     torch.set_num_threads(1)
     distributed = mode in ("ddp", "fsdp2")
-    if distributed:
+    if distributed and not dist.is_initialized():
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(0)
@@ -82,9 +92,82 @@ def main(mode: str, out: str) -> None:
         reports = [report]
     if rank == 0:
         torch.save({"state": state, "reports": reports}, os.path.join(out, f"{mode}.pt"))
-    if distributed:
+
+
+# ---------------------------------------------------------------- the same under Lightning
+LM_SETTINGS = dict(SETTINGS, drop_schedule="constant")  # the 4-step part of a resumed run places `end` alike
+
+
+def lightning_data() -> DataLoader:
+    """4 global batches of 8 (an epoch); of 2 processes, rank r takes rows r, r+2, ... of each.
+
+    Lightning's own distributed sampler would shuffle the training set (it does so for any train
+    loader), so the run sets ``use_distributed_sampler=False`` and each rank slices its rows here.
+    """
+    tokens = torch.randint(0, 64, (4 * BATCH, T + 1), generator=torch.Generator().manual_seed(1))
+    tokens = tokens[int(os.environ.get("RANK", 0)) % WORLD::WORLD]
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=BATCH // WORLD)
+
+
+def lightning_run(epochs: int, devices: int, ckpt_path: str | None = None, save: str | None = None,
+                  checks: list | None = None) -> LanguageModel:
+    """Fit a tiny Sparse Wide GPT for ``epochs`` epochs of 4 steps; 2 devices: FSDP2 (ModelParallelStrategy)."""
+    global WORLD
+    WORLD = devices
+    torch.manual_seed(0)
+    model = LanguageModel(GPTConfig(vocab_size=64, block_size=T, n_layer=2, n_head=2, d_model=16),
+                          optim=OptimConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=False, weight_decay=1e-2,
+                                            schedule="constant"))
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if devices == 2 else "auto"
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
+                         use_distributed_sampler=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Seed(), SparsityCallback(**LM_SETTINGS), Check(checks if checks is not None else [])])
+    trainer.fit(model, lightning_data(), ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)
+    return model
+
+
+class Seed(pl.Callback):
+    """Seed just before SparsityCallback's setup builds the wide GPT (its init draws from torch's generator),
+    so 1 and 2 processes start from the same weights whatever the launch drew before."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        torch.manual_seed(0)
+
+
+class Check(pl.Callback):
+    """After every step: this rank's masked weights and optimizer-state shards exactly 0."""
+
+    def __init__(self, found: list) -> None:
+        self.found = found
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.found += _violations(pl_module, trainer.optimizers[0])
+        self.found += [f"{name} mask not sharded" for name, o, loc, p in sparse_parameters(pl_module)
+                       if is_sharded(p) and not is_sharded(get_mask(o, loc))]
+
+
+def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: full_tensor(v).detach().clone() for k, v in model.state_dict().items()}  # collective when sharded
+
+
+def lightning_main(out: str) -> None:
+    torch.set_num_threads(1)
+    checks: list = []
+    straight = whole_state(lightning_run(2, 2, checks=checks))
+    at4 = whole_state(lightning_run(1, 2, save=os.path.join(out, "sharded.ckpt"), checks=checks))
+    resumed = whole_state(lightning_run(2, 2, ckpt_path=os.path.join(out, "sharded.ckpt"), checks=checks))
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, checks)
+    if dist.get_rank() == 0:
+        torch.save({"straight": straight, "at4": at4, "resumed": resumed, "violations": found},
+                   os.path.join(out, "lightning.pt"))
+
+
+if __name__ == "__main__":  # MODES: comma-separated, run in order in one launch (python starts slowly here)
+    for name in sys.argv[1].split(","):
+        lightning_main(sys.argv[2]) if name == "lightning" else main(name, sys.argv[2])
+    if dist.is_initialized():
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
