@@ -40,7 +40,11 @@ def test_config_starts_with_its_command(path):
 def test_config_instantiates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load(path.read_text())
-    cli = _cli("--config", str(path), *CPU)
+    cli = _cli("--config", str(path), *CPU[:-2], "--trainer.default_root_dir", str(tmp_path / "elsewhere"))
+    # the logger follows --trainer.default_root_dir (no config hard-codes its save_dir)
+    assert "save_dir" not in raw["trainer"]["logger"]["init_args"]
+    assert cli.trainer.logger.save_dir == str(tmp_path / "elsewhere" / "runs")
+    assert cli.trainer.logger.name == raw["trainer"]["logger"]["init_args"]["name"] == path.stem
     module_cls = ImageClassifier if "ImageClassifier" in raw["model"]["class_path"] else LanguageModel
     assert isinstance(cli.model, module_cls)
     sparsity_cbs = [c for c in cli.trainer.callbacks if isinstance(c, SparsityCallback)]

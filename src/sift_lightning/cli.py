@@ -30,7 +30,14 @@ __all__ = ["SiftCLI", "main"]
 
 
 class SiftCLI(LightningCLI):
-    """LightningCLI plus the ``sift`` group, turned into a ``SparsityCallback`` on the Trainer."""
+    """LightningCLI plus the ``sift`` group, turned into a ``SparsityCallback`` on the Trainer.
+
+    Its trainer defaults include a TensorBoard logger saving to ``runs`` (under
+    ``--trainer.default_root_dir``), which the configs rely on: they name their run, not the folder.
+    """
+
+    def __init__(self, *args: Any, trainer_defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, trainer_defaults={**_trainer_defaults(), **(trainer_defaults or {})}, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # not instantiated by jsonargparse: "dense" must mean "no callback", which the settings reject
@@ -122,7 +129,6 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=42,
-            trainer_defaults=_trainer_defaults(),
             save_config_callback=_SaveConfigOnce,
             args=args,
         )
