@@ -26,12 +26,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging, Timer, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
@@ -126,6 +128,8 @@ class SparsityCallback(pl.Callback):
                 f"{pruning[0]} and SparsityCallback cannot be combined: both mask the same weights (torch's pruning "
                 "reparametrises them); use SparsityCallback(transform=None, ...) for sparse training alone"
             )
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(_NO_DEEPSPEED)
         mine = next(i for i, c in enumerate(trainer.callbacks) if c is self)
         earlier = [type(c).__name__ for c in trainer.callbacks[:mine]
                    if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
@@ -143,8 +147,11 @@ class SparsityCallback(pl.Callback):
 
     def _before_load(self, trainer: pl.Trainer, pl_module: nn.Module, *args: Any) -> None:
         self._remove_load_hook()
-        if trainer.ckpt_path:
+        if trainer.ckpt_path and Path(trainer.ckpt_path).is_dir():  # FSDP2's distributed checkpoint: this is its state
+            ckpt = {**torch.load(Path(trainer.ckpt_path, "meta.pt"), weights_only=False), "state_dict": args[0]}
+        elif trainer.ckpt_path:
             ckpt = torch.load(trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        if trainer.ckpt_path:
             check_checkpoint_fits(pl_module, ckpt.get("state_dict", {}), saved_settings(ckpt), self.settings,
                                   str(trainer.ckpt_path))
 
@@ -324,5 +331,7 @@ def _heatmap(values: torch.Tensor, lo: float, hi: float, cell: int = 12) -> torc
     return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).permute(2, 0, 1)
 
 
+_NO_DEEPSPEED = ("SparsityCallback does not support DeepSpeed (ZeRO flattens the parameters its masks follow); "
+                 "shard with FSDP2 instead: --config configs/strategies/fsdp2.yaml (ModelParallelStrategy)")
 _NEEDS_SWAP = ("transform={transform!r} rebuilds the network; {module} must implement transform_backbone(fn) "
                "(see sift_lightning.SupportsTransform), or use ImageClassifier/LanguageModel")

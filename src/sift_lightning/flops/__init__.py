@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from sift_lightning.sparse.masks import SparseOwner, get_mask
+from sift_lightning.sparse.masks import SparseOwner, active_count, get_mask
 
 __all__ = ["FlopReport", "LayerFlops", "LayerRecorder", "count_flops", "weight_density"]
 
@@ -84,7 +84,7 @@ def weight_density(module: nn.Module) -> float:
     mask = get_mask(module, "weight")
     if mask is None:
         return 1.0 - module.sift_sparsity["weight"]
-    return float(mask.sum().item()) / mask.numel()
+    return active_count(mask) / mask.numel()  # active_count: the whole count of a sharded mask too
 
 
 def _param_counts(model: nn.Module) -> tuple[int, float]:

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from sift_lightning.models.backbones import create_backbone
 from sift_lightning.modules._optim import OptimConfig, as_optim_config, configure_optim
 from sift_lightning.modules._restore import SiftCheckpointMixin
+from sift_lightning.parallel import configure_fsdp2
 
 __all__ = ["ImageClassifier"]
 
@@ -59,6 +60,10 @@ class ImageClassifier(SiftCheckpointMixin, pl.LightningModule):
             f"{split}_acc{k}": MulticlassAccuracy(num_classes, top_k=k)
             for split in ("train", "val", "test") for k in sorted({1, top5})
         })
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard the backbone per top-level stage or block; otherwise nothing."""
+        configure_fsdp2(self)
 
     def transform_backbone(self, fn: Callable[[nn.Module], nn.Module]) -> None:
         """Let ``SparsityCallback`` replace the backbone (Sparse Wide builds a wider one)."""

@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from sift_lightning.models.gpt import GPT, GPTConfig, gpt_config
 from sift_lightning.modules._optim import OptimConfig, as_optim_config, configure_optim
 from sift_lightning.modules._restore import SiftCheckpointMixin
+from sift_lightning.parallel import configure_fsdp2
 
 __all__ = ["LanguageModel"]
 
@@ -62,6 +63,10 @@ class LanguageModel(SiftCheckpointMixin, pl.LightningModule):
         self.example_input_array = torch.zeros(1, config.block_size, dtype=torch.long)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard the GPT per transformer block; otherwise nothing."""
+        configure_fsdp2(self)
 
     def transform_backbone(self, fn: Callable[[nn.Module], nn.Module]) -> None:
         """Let ``SparsityCallback`` replace the GPT (Sparse Wide builds a wider one)."""

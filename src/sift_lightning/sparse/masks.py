@@ -131,8 +131,11 @@ def set_mask(owner: nn.Module, local: str, mask: torch.Tensor) -> None:
 
 
 def active_count(mask: torch.Tensor) -> int:
-    """Number of True entries of a mask."""
-    return int(mask.sum().item())
+    """Number of True entries of a mask (of the whole mask when it is an FSDP2 ``DTensor``: a collective)."""
+    total = mask.sum()
+    if hasattr(total, "full_tensor"):  # a DTensor's sum is partial: each rank holds its slice's count
+        total = total.full_tensor()
+    return int(total.item())
 
 
 def keep_count(numel: int, sparsity: float) -> int:
