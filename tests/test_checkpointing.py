@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from torch.utils.data import DataLoader, TensorDataset
 
 from sift_lightning.checkpointing import ModelCheckpoint
-from sift_lightning.data._common import SplitDataModule, train_loader
+from sift_lightning.data import SplitDataModule, train_loader
 
 
 class Regression(L.LightningModule):

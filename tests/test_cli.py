@@ -144,16 +144,26 @@ def test_checkpointing_and_logger_can_be_turned_off(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "runs").exists()
 
 
-def test_a_configured_checkpoint_or_lr_monitor_replaces_ours():
+def test_a_configured_checkpoint_or_lr_monitor_replaces_ours(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from sift_lightning.checkpointing import ModelCheckpoint as FinalModelCheckpoint
-    from sift_lightning.cli import _default_callbacks
+    from sift_lightning.cli import SiftCLI
 
-    kinds = [type(c) for c in _default_callbacks({"callbacks": None, "logger": None, "enable_checkpointing": None})]
-    assert kinds == [FinalModelCheckpoint, LearningRateMonitor]
-    assert _default_callbacks({"callbacks": [ModelCheckpoint(), LearningRateMonitor()]}) == []
-    assert _default_callbacks({"enable_checkpointing": False, "logger": False}) == []
+    monkeypatch.chdir(tmp_path)
+
+    def kinds(*args: str) -> set[type]:
+        cli = SiftCLI(subclass_mode_model=True, subclass_mode_data=True, run=False,
+                      args=["--config", str(CONFIGS / "quickstart_gpt.yaml"), "--sift.transform", "dense", *args])
+        found = [type(c) for c in cli.trainer.callbacks if isinstance(c, (ModelCheckpoint, LearningRateMonitor))]
+        assert len(found) == len(set(found))  # one of each at most
+        return set(found)
+
+    assert kinds() == {FinalModelCheckpoint, LearningRateMonitor}
+    assert kinds("--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks+=LearningRateMonitor") == {
+        ModelCheckpoint, LearningRateMonitor}
+    assert kinds("--trainer.enable_checkpointing", "false", "--trainer.logger", "false") == set()
 
 
 def test_lightning_misconfiguration_is_one_line(tmp_path):

@@ -14,8 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from sift_lightning.data import DataNotFoundError, TextDataModule
-from sift_lightning.data._common import split_indices, train_loader
+from sift_lightning.data import DataNotFoundError, EpochShuffleSampler, TextDataModule, split_indices, train_loader
 
 
 def test_error_is_one_line_file_not_found():
@@ -164,8 +163,6 @@ def test_trainer_resume_is_exact_across_epochs(tmp_path, resume_at):
 
 def test_sampler_starts_at_the_trainers_epoch_and_drops_a_finished_pass():
     """``first_pass`` = epochs the trainer finished; a loader state from one of them reads nothing, then the next pass."""
-    from sift_lightning.data._common import EpochShuffleSampler
-
     fresh = EpochShuffleSampler(12, seed=3)
     passes = [list(fresh) for _ in range(3)]
     assert len({tuple(p) for p in passes}) == 3 and all(sorted(p) == list(range(12)) for p in passes)

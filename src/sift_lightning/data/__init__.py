@@ -4,7 +4,7 @@ Every module's train loader is a ``StatefulDataLoader``, so a mid-epoch checkpoi
 exactly the next batch; every missing data set raises a one-line ``DataNotFoundError``.
 """
 
-from ._common import DataNotFoundError
+from ._common import DataNotFoundError, EpochShuffleSampler, SplitDataModule, split_indices, train_loader
 from .cifar import CIFARDataModule
 from .fashion_mnist import FashionMNISTDataModule, read_idx
 from .imagenet import ImageNetDataModule
@@ -15,11 +15,15 @@ __all__ = [
     "ByteTokenizer",
     "CIFARDataModule",
     "DataNotFoundError",
+    "EpochShuffleSampler",
     "FashionMNISTDataModule",
     "GPT2Tokenizer",
     "ImageNetDataModule",
+    "SplitDataModule",
     "TextDataModule",
     "Tokenizer",
     "get_tokenizer",
     "read_idx",
+    "split_indices",
+    "train_loader",
 ]

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-__all__ = ["DataNotFoundError", "eval_loader", "one_line", "split_indices", "train_loader"]
+__all__ = ["DataNotFoundError", "EpochShuffleSampler", "SplitDataModule", "eval_loader", "one_line", "split_indices",
+           "train_loader"]
 
 
 class DataNotFoundError(FileNotFoundError):
