@@ -16,7 +16,6 @@ from torch import nn
 
 from sift_lightning.sparse.masks import MASK_SUFFIX, sparse_modules, upgrade_mask_keys
 
-from sift_lightning.data._common import one_line
 from sift_lightning.export.csr import _CSRWeight, sparse_export
 from sift_lightning.export.folding import _drop_masks, dense_state_dict, fold
 
@@ -47,7 +46,8 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001  PytorchStreamReader, UnpicklingError, EOFError, ...
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {one_line(err)}; "
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {reason}; "
                          "use another checkpoint of the run (best-*.ckpt, or an earlier copy) or train again") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a .ckpt "
