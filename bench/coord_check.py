@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import subprocess
 import time
 import warnings
 from collections import defaultdict
@@ -43,7 +44,6 @@ from sift_lightning.models.gpt import GPT, gpt_config
 from sift_lightning.sparse.masks import apply_masks, get_mask, init_masks, sparse_parameters
 from sift_lightning.sparse.supar import supar_init_, supar_param_groups
 from sift_lightning.transforms import transform
-from sift_lightning.transforms._surgery import candidate_layers
 from sift_lightning.transforms.doped import SparseDoped
 from sift_lightning.transforms.parallel import SparseParallel
 
@@ -89,12 +89,20 @@ def build(subject: str, member: str, sparsity: float, parametrization: str, seed
     if member == "dense":
         return model
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Parallel's note about Linear branches without a norm
+        warnings.simplefilter("ignore")  # Parallel's note on Linear branches, Wide's on dense-layer FLOPs
         model = transform(model, member, sparsity)
     init_masks(model, generator=torch.Generator().manual_seed(seed))
     if parametrization == "supar":
         supar_init_(model)
     return model
+
+
+def transformed_layers(subject: str) -> list[str]:
+    """Names of the dense layers every member replaces (Sparse Wide keeps them, marked sparse)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Wide's note on the FLOPs of the layers that stay dense
+        wide = transform(SUBJECTS[subject].build(), "sparse_wide", 0.5)
+    return [full.rpartition(".")[0] for full, *_ in sparse_parameters(wide)]
 
 
 def probes(model: nn.Module, dense_names: list[str]) -> list[tuple[str, nn.Module]]:
@@ -183,7 +191,7 @@ def check(subjects: list[str], members: tuple[str, ...] = MEMBERS, sparsities: t
     """Rows ``{subject, member, s, parametrization, layer, init, update}`` (ratios to dense, seed-averaged RMS)."""
     rows = []
     for subject in subjects:
-        dense_names = [n for n, _ in candidate_layers(SUBJECTS[subject].build())]
+        dense_names = transformed_layers(subject)
         kw = dict(steps=steps, lr=lr, optimizer=optimizer)
         dense = [measure(build(subject, "dense", 0.0, "standard", s), subject, "standard", dense_names, seed=s, **kw)
                  for s in range(seeds)]
@@ -224,7 +232,12 @@ def summary(rows: list[dict]) -> dict[tuple, dict[str, tuple[float, float]]]:
             for k, rs in cells.items()}
 
 
+NOTES = "<!-- notes: everything below this line is kept when the tables are rewritten -->"
+
+
 def write_markdown(rows: list[dict], path: Path, header: str) -> None:
+    """The tables, then whatever follows ``NOTES`` in the existing file (the hand-written reading)."""
+    notes = path.read_text().split(NOTES, 1)[1] if path.exists() and NOTES in path.read_text() else "\n"
     summ = summary(rows)
     lines = [header, "",
              "Each cell: geometric mean over the member's sparse layers of (layer figure / dense layer figure), "
@@ -248,7 +261,7 @@ def write_markdown(rows: list[dict], path: Path, header: str) -> None:
     for (subject, member, s, layer), pr in sorted(by_layer.items(), key=lambda kv: (kv[0][0], MEMBERS.index(kv[0][1]), kv[0][2], kv[0][3])):
         vals = " | ".join(f"{pr[p][q]:.2f}" for p in PARAMETRIZATIONS for q in ("init", "update"))
         lines.append(f"| {subject} | {member} | {s} | {layer} | {vals} |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n\n" + NOTES + notes)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -282,6 +295,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, 3 steps; writes nothing")
@@ -307,11 +328,14 @@ def main() -> None:
         suffix = "" if args.optimizer == "adamw" else f"_{args.optimizer}"
         header = (f"# Coordinate check ({args.optimizer}, lr {lr}, {steps} steps, {seeds} seeds)\n\n"
                   f"`python bench/coord_check.py{'' if args.optimizer == 'adamw' else ' --optimizer sgd'}` "
-                  f"({took:.0f} s, {args.threads} threads, torch {torch.__version__}, CPU). "
+                  f"({took:.0f} s, {args.threads} threads, torch {torch.__version__}, CPU, code {_commit()}). "
                   "What it measures: the docstring of bench/coord_check.py.")
         write_markdown(rows, RESULTS / f"coord_check{suffix}.md", header)
         if args.optimizer == "adamw":
             plot(rows, RESULTS / "coord_check.png")
+    for member in MEMBERS:
+        part = [r for r in rows if r["member"] == member]
+        print(f"{member}: standard max ratio {max_ratio(part, 'standard'):.2f}, supar max ratio {max_ratio(part, 'supar'):.2f}")
     print(f"({took:.0f} s)")
     print(f"coord check: standard max ratio {max_ratio(rows, 'standard'):.2f}, "
           f"supar max ratio {max_ratio(rows, 'supar'):.2f}")
