@@ -31,7 +31,9 @@ Per member (derived from the structure each builds):
   layer widened in its inputs, ``F = k F_base``, density ``rho = 1/k^2`` nominally, so
   ``F_eff = F_base / k``: lr ``1/(k rho)`` (``= k``), init_std ``1/sqrt(rho)`` (``= k``) under
   ``fan_in`` (init var x ``1/rho`` vs the widened default) or ``1/sqrt(k rho)`` (``= sqrt(k)``)
-  under ``fixed``. s=0.75: k=2, lr x2, init_std x2 (fixed: x1.414).
+  under ``fixed``. s=0.75: k=2, lr x2, init_std x2 (fixed: x1.414). ``k`` is the nominal factor
+  the transform records; rounded widths (floors, the GPT's multiples of ``n_head``) differ from
+  ``k F_base`` by a few per cent, which the rule ignores.
 - **Sparse Parallel**: ``n`` branches of the dense shape at density ``~1/n``. Branches without a
   norm of their own are summed before anything else sees them: ``p = n``, ``F_eff = n rho F ~= F``,
   so lr and init_std stay ~1 (exactly ``1/(n rho)`` and ``1/sqrt(n rho)``). A branch with its own
