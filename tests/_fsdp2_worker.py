@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from sift_lightning import GPT, DynamicSparsity, GPTConfig, LanguageModel, OptimConfig, SparsitySettings, SparsityCallback
-from sift_lightning.parallel import shard_model
+from sift_lightning.parallel import FSDP2Strategy, shard_model
 from sift_lightning.sparse.masks import get_mask, sparse_parameters
 from sift_lightning.sparse.sharded import full_tensor, is_sharded, local_tensor, mask_bytes
 
@@ -110,15 +110,16 @@ def lightning_data() -> DataLoader:
 
 
 def lightning_run(epochs: int, devices: int, ckpt_path: str | None = None, save: str | None = None,
-                  checks: list | None = None) -> LanguageModel:
-    """Fit a tiny Sparse Wide GPT for ``epochs`` epochs of 4 steps; 2 devices: FSDP2 (ModelParallelStrategy)."""
+                  checks: list | None = None, ours: bool = False) -> LanguageModel:
+    """Fit a tiny Sparse Wide GPT for ``epochs`` epochs of 4 steps; 2 devices: FSDP2 with Lightning's
+    ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, or ``ours``: ``FSDP2Strategy()``."""
     global WORLD
     WORLD = devices
     torch.manual_seed(0)
     model = LanguageModel(GPTConfig(vocab_size=64, block_size=T, n_layer=2, n_head=2, d_model=16),
                           optim=OptimConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=False, weight_decay=1e-2,
                                             schedule="constant"))
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if devices == 2 else "auto"
+    strategy = "auto" if devices == 1 else FSDP2Strategy() if ours else ModelParallelStrategy(2, 1)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
                          use_distributed_sampler=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -157,8 +158,8 @@ def lightning_main(out: str) -> None:
     torch.set_num_threads(1)
     checks: list = []
     straight = whole_state(lightning_run(2, 2, checks=checks))
-    at4 = whole_state(lightning_run(1, 2, save=os.path.join(out, "sharded.ckpt"), checks=checks))
-    resumed = whole_state(lightning_run(2, 2, ckpt_path=os.path.join(out, "sharded.ckpt"), checks=checks))
+    at4 = whole_state(lightning_run(1, 2, save=os.path.join(out, "sharded.ckpt"), checks=checks, ours=True))
+    resumed = whole_state(lightning_run(2, 2, ckpt_path=os.path.join(out, "sharded.ckpt"), checks=checks, ours=True))
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, checks)
     if dist.get_rank() == 0:

@@ -18,16 +18,18 @@ A user's own LightningModule does the same: ``def configure_model(self): configu
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from sift_lightning.sparse.sharded import shard_masks
 
-__all__ = ["configure_fsdp2", "consolidate_checkpoint", "is_fully_sharded", "mixed_precision_policy", "shard_model",
-           "shard_units"]
+__all__ = ["FSDP2Strategy", "configure_fsdp2", "consolidate_checkpoint", "is_fully_sharded", "mixed_precision_policy",
+           "read_sharded_checkpoint", "shard_model", "shard_units"]
 
 _STAGE_LISTS = ("blocks", "stages", "layers")  # GPT and ViT: blocks; ConvNeXt, EfficientNet...: stages; Swin: layers
 _RESNET_STAGE = re.compile(r"layer\d+$")
@@ -88,14 +90,35 @@ def shard_model(model: nn.Module, mesh: Any = None, *, mp_policy: Any = None,
     return model
 
 
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` with every process in one FSDP2 (data-parallel) group, any device count.
+
+    ``ModelParallelStrategy``'s ``"auto"`` sizes mean tensor parallelism within a node, which
+    Sparse-IFT's masks do not support; this sets ``data_parallel_size`` to the world size and
+    ``tensor_parallel_size`` to 1 once the devices are known (configs/strategies/fsdp2.yaml).
+
+    Args:
+        save_distributed_checkpoint: each rank writes its shards to a checkpoint folder (True), or
+            rank 0 gathers one whole file (False; needs the whole model in its CPU memory).
+        process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs by default.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # read when the device mesh is built
+        super().setup_environment()
+
+
 def configure_fsdp2(module: Any, model: nn.Module | None = None) -> None:
     """``LightningModule.configure_model`` for FSDP2: shard ``model`` (default ``module.backbone``).
 
     Does nothing unless the trainer's strategy is ``ModelParallelStrategy``, or when the model is
     sharded already (Lightning calls ``configure_model`` again for ``test`` after ``fit``).
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     trainer = getattr(module, "_trainer", None)
     if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
         return
@@ -110,29 +133,44 @@ def configure_fsdp2(module: Any, model: nn.Module | None = None) -> None:
     shard_model(model, mesh["data_parallel"], mp_policy=policy)
 
 
-def consolidate_checkpoint(folder: str | Path, out: str | Path) -> Path:
-    """One Lightning checkpoint file from ``ModelParallelStrategy``'s distributed-checkpoint folder.
+def read_sharded_checkpoint(folder: str | Path, *, metadata_only: bool = False) -> dict[str, Any]:
+    """The checkpoint dict in ``ModelParallelStrategy``'s distributed-checkpoint folder, whole, in memory.
 
-    The file holds the whole weights and masks (``state_dict``), every callback's state (the
-    sparsity engine's included) and the optimizer states keyed by parameter index, as a
-    one-process ``Trainer`` writes them: it resumes in one process, loads with
-    ``LanguageModel.load_from_checkpoint`` and exports with ``sift-fit export``. Runs in one process
-    (no process group). Command line: ``python -m sift_lightning.parallel FOLDER OUT.ckpt``.
+    As a one-process ``Trainer`` writes it: the whole weights and masks (``state_dict``), every
+    callback's state (the sparsity engine's included) and the optimizer states keyed by parameter
+    index. Runs in one process (no process group needed).
+
+    Args:
+        folder: the folder (``.../checkpoints/last.ckpt/`` with ``meta.pt`` and ``*.distcp`` files).
+        metadata_only: read only ``meta.pt`` (loops, callbacks, hyper-parameters): no tensors.
     """
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    folder, out = Path(folder), Path(out)
+    folder = Path(folder)
     meta = folder / "meta.pt"
     if not folder.is_dir() or not meta.is_file():
         raise ValueError(f"{folder} is not a distributed checkpoint folder (no meta.pt); pass the folder "
                          "ModelParallelStrategy wrote (e.g. checkpoints/last.ckpt/)")
-    dcp_to_torch_save(folder, out)  # the folder's tensors, whole, in one torch.save file
-    tensors = torch.load(out, map_location="cpu", weights_only=False)
     checkpoint = torch.load(meta, map_location="cpu", weights_only=False)
+    if metadata_only:
+        return checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp, "whole.pt")
+        dcp_to_torch_save(folder, whole)  # the folder's tensors, whole, in one torch.save file
+        tensors = torch.load(whole, map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = tensors.pop("state_dict")
     keys = sorted((k for k in tensors if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k.split("_")[1]))
     checkpoint["optimizer_states"] = [_index_keyed(tensors.pop(k)) for k in keys]
-    torch.save(checkpoint, out)
+    return checkpoint
+
+
+def consolidate_checkpoint(folder: str | Path, out: str | Path) -> Path:
+    """Write ``read_sharded_checkpoint(folder)`` to one file ``out``: a checkpoint that resumes in one
+    process, loads with ``LanguageModel.load_from_checkpoint`` and exports with ``sift-fit export``
+    (which also reads the folder itself). Command line: ``python -m sift_lightning.parallel FOLDER OUT.ckpt``.
+    """
+    out = Path(out)
+    torch.save(read_sharded_checkpoint(folder), out)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import math
 import zipfile
 from collections.abc import Sequence
@@ -39,6 +40,10 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
         ValueError: the file is not a readable PyTorch checkpoint.
     """
     path = Path(path)
+    if path.is_dir() and (path / "meta.pt").is_file():  # FSDP2 (ModelParallelStrategy): a folder of shards
+        from sift_lightning.parallel import read_sharded_checkpoint
+
+        return read_sharded_checkpoint(path, metadata_only=mmap)
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"checkpoint {path} {what}; pass the path of a .ckpt file "
@@ -158,7 +163,12 @@ def export_checkpoint(
                          "its structure from; was it written by SparsityCallback?")
     family = "dense" if settings is None else settings.get("transform")
     cls = module_cls or _module_class(checkpoint)
-    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()  # rebuilds the structure
+    source: Any = ckpt_path
+    if ckpt_path.is_dir():  # FSDP2's folder of shards, read whole above: load_from_checkpoint takes one file
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
+    module = cls.load_from_checkpoint(source, map_location="cpu").eval()  # rebuilds the structure
     trained, example = module.backbone, module.example_input_array[:1]
     notes: list[str] = []
     csr = None
