@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sift_lightning import FAMILIES, ImageClassifier, LanguageModel, OptimConfig, SparsityCallback, sparse_targets
-from sift_lightning.modules._optim import _lr_factor
 
 TINY_RESNET = {"channels": (8, 16, 32, 64)}
 
@@ -99,14 +98,14 @@ def test_no_weight_decay_on_norms_biases_and_embeddings(tmp_path):
 def test_lr_schedules():
     step = OptimConfig(schedule="multistep", milestones=[60, 120, 160], gamma=0.2)
     per_epoch = 391.0  # CIFAR at batch 128
-    assert _lr_factor(int(59.9 * per_epoch), step, 200 * 391, per_epoch) == 1.0
-    assert _lr_factor(60 * 391, step, 200 * 391, per_epoch) == pytest.approx(0.2)
-    assert _lr_factor(170 * 391, step, 200 * 391, per_epoch) == pytest.approx(0.2 ** 3)
+    assert step.lr_factor(int(59.9 * per_epoch), 200 * 391, per_epoch) == 1.0
+    assert step.lr_factor(60 * 391, 200 * 391, per_epoch) == pytest.approx(0.2)
+    assert step.lr_factor(170 * 391, 200 * 391, per_epoch) == pytest.approx(0.2 ** 3)
     cos = OptimConfig(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
-    assert _lr_factor(0, cos, 110, 1.0) == pytest.approx(0.1)  # warmup from 1/10
-    assert _lr_factor(10, cos, 110, 1.0) == pytest.approx(1.0)
-    assert _lr_factor(60, cos, 110, 1.0) == pytest.approx(0.55)
-    assert _lr_factor(110, cos, 110, 1.0) == pytest.approx(0.1)
+    assert cos.lr_factor(0, 110, 1.0) == pytest.approx(0.1)  # warmup from 1/10
+    assert cos.lr_factor(10, 110, 1.0) == pytest.approx(1.0)
+    assert cos.lr_factor(60, 110, 1.0) == pytest.approx(0.55)
+    assert cos.lr_factor(110, 110, 1.0) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

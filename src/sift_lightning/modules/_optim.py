@@ -56,6 +56,10 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, weight_decay and warmup_steps >= 0; got lr={self.lr}, "
                              f"weight_decay={self.weight_decay}, warmup_steps={self.warmup_steps}")
 
+    def lr_factor(self, step: int, total_steps: int, steps_per_epoch: float) -> float:
+        """The learning rate at optimizer ``step`` as a multiple of ``lr`` (warmup, then the schedule)."""
+        return _lr_factor(step, self, total_steps, steps_per_epoch)
+
 
 def as_optim_config(optim: OptimConfig | dict | None, default: OptimConfig | None = None) -> OptimConfig:
     """An ``OptimConfig`` from itself, from a dict (as saved in checkpoints), or the default."""
