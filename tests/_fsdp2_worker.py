@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -110,7 +111,7 @@ def lightning_data() -> DataLoader:
 
 
 def lightning_run(epochs: int, devices: int, ckpt_path: str | None = None, save: str | None = None,
-                  checks: list | None = None, ours: bool = False) -> LanguageModel:
+                  checks: list | None = None, ours: bool = False, logs: str | None = None) -> LanguageModel:
     """Fit a tiny Sparse Wide GPT for ``epochs`` epochs of 4 steps; 2 devices: FSDP2 with Lightning's
     ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, or ``ours``: ``FSDP2Strategy()``."""
     global WORLD
@@ -120,7 +121,8 @@ def lightning_run(epochs: int, devices: int, ckpt_path: str | None = None, save:
                           optim=OptimConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=False, weight_decay=1e-2,
                                             schedule="constant"))
     strategy = "auto" if devices == 1 else FSDP2Strategy() if ours else ModelParallelStrategy(2, 1)
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
+    logger = TensorBoardLogger(logs) if logs else False  # logs: per-layer images at updates (rank 0 only)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=logger,
                          use_distributed_sampler=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[Seed(), SparsityCallback(**LM_SETTINGS), Check(checks if checks is not None else [])])
@@ -157,7 +159,7 @@ def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def lightning_main(out: str) -> None:
     torch.set_num_threads(1)
     checks: list = []
-    straight = whole_state(lightning_run(2, 2, checks=checks))
+    straight = whole_state(lightning_run(2, 2, checks=checks, logs=os.path.join(out, "logs")))
     at4 = whole_state(lightning_run(1, 2, save=os.path.join(out, "sharded.ckpt"), checks=checks, ours=True))
     resumed = whole_state(lightning_run(2, 2, ckpt_path=os.path.join(out, "sharded.ckpt"), checks=checks, ours=True))
     found = [None] * dist.get_world_size()

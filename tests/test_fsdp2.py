@@ -93,6 +93,13 @@ def test_each_rank_stores_its_share_of_the_masks(runs):
         assert report["mask_bytes"] == report["mask_bytes_whole"]  # DDP replicates them
 
 
+def test_lightning_fsdp2_logs_whole_layer_figures(runs):
+    # the per-layer images are drawn on rank 0 from counts summed over the ranks (no rank waits alone)
+    events = b"".join(p.read_bytes() for p in (runs / "logs").rglob("events.out.tfevents*"))
+    for tag in (b"sift/density", b"sift/mask_change", b"sift/layer_density", b"sift_mask/"):
+        assert tag in events, tag
+
+
 def test_lightning_fsdp2_matches_one_process(runs):
     straight = _load(runs, "lightning")["straight"]
     one = worker.lightning_run(2, 1)

@@ -43,6 +43,7 @@ from sift_lightning.sparse.masks import apply_masks, get_mask, set_mask, sparse_
 from sift_lightning.modules._restore import SIFT_CHECKPOINT_KEY, saved_settings
 from sift_lightning.sparse.engine import DynamicSparsity, SupportsTransform, check_checkpoint_fits
 from sift_lightning.sparse.settings import SparsitySettings
+from sift_lightning.sparse.sharded import local_tensor
 
 __all__ = ["SparsityCallback", "SupportsTransform"]
 
@@ -272,14 +273,14 @@ class SparsityCallback(pl.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         self._logged_updates = self.engine.updates
         histograms = self.engine.take_update_histograms()
-        if updated and self.log_per_layer and trainer.is_global_zero:
-            writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-            if writers:
-                self._log_images(writers, pl_module, histograms, trainer.global_step)
+        if updated and self.log_per_layer and any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
+            stats = self.engine.layer_stats()  # on every rank: FSDP2-sharded masks are counted over the ranks
+            if trainer.is_global_zero:
+                writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+                self._log_images(writers, pl_module, histograms, trainer.global_step, stats)
 
     def _log_images(self, writers: list[Any], pl_module: nn.Module, histograms: dict[str, torch.Tensor],
-                    step: int) -> None:
-        stats = self.engine.layer_stats()
+                    step: int, stats: dict[str, tuple[float, float, int]]) -> None:
         self._itop_history.append([itop for _, itop, _ in stats.values()])
         density = torch.tensor([[d for d, _, _ in stats.values()]]).T  # (layers, 1)
         itop = torch.tensor(self._itop_history).T  # (layers, updates)
@@ -292,7 +293,7 @@ class SparsityCallback(pl.Callback):
                 if values.numel():
                     w.add_histogram(name, values, step)
             for full, owner, local, _ in shown:
-                mask = get_mask(owner, local)
+                mask = local_tensor(get_mask(owner, local))  # FSDP2: rank 0's shard, the first rows
                 w.add_image(f"sift_mask/{full}", mask.reshape(mask.shape[0], -1)[:256, :256].float().cpu()[None], step)
 
     # ---------------------------------------------------------------- checkpointed state
