@@ -27,7 +27,7 @@ from sift_lightning.export import (
 from sift_lightning.models.gpt import GPT, gpt_config
 from sift_lightning.sparse.masks import MASK_SUFFIX, SparseOwner, init_masks, mark_sparse
 from sift_lightning.transforms.doped import SparseDoped
-from sift_lightning.transforms.parallel import SparseParallel
+from sift_lightning.transforms.parallel import NormActTail, SparseParallel
 
 FOLDABLE = [("sparse_parallel", {}), ("sparse_parallel", {"branch_norm": False}), ("sparse_doped", {})]
 
@@ -290,3 +290,17 @@ def test_export_checkpoint_sparse_exports_factorized(tmp_path):
     assert summary["active_params"] < summary["params"]
     state = torch.load(tmp_path / "model.pt")
     assert any(k.endswith(MASK_SUFFIX) for k in state)  # loads into the rebuilt Sparse-IFT structure
+
+
+def test_parallel_on_timm_norm_act_blocks_folds_back_to_the_plain_model():
+    # MobileNetV2: every conv is followed by a BatchNormAct2d (ReLU6, or Identity in the linear bottleneck)
+    timm = pytest.importorskip("timm")
+    build = lambda: timm.create_model("mobilenetv2_035", pretrained=False, num_classes=10)  # noqa: E731
+    torch.manual_seed(0)
+    model = _sparse_ift(build(), "sparse_parallel", 0.75)  # BatchNormAct2d is a BatchNorm2d: norms randomised
+    assert sum(isinstance(m, NormActTail) for m in model.modules()) > 10
+    plain = build()
+    plain.load_state_dict(dense_state_dict(model), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel(plain.eval()(x), model(x)) <= 1e-5

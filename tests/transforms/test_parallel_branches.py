@@ -110,3 +110,36 @@ def test_branches_without_a_norm_warn_that_they_sum_to_one_matrix():
 def test_conv_bn_branches_do_not_warn(recwarn):
     transform(tiny_resnet(), "sparse_parallel", 0.5)
     assert not [w for w in recwarn if "sparse_parallel" in str(w.message)]
+
+
+class _ListedConvs(nn.Module):
+    """Res2Net's layout: convs[i] feeds bns[i], the two kept in lists registered one after the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1, bias=False) for _ in range(2)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(4) for _ in range(2)])
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.relu(bn(conv(x)))
+        return self.head(x)
+
+
+def test_norms_kept_in_a_sibling_list_go_into_the_branches_and_fold_back():
+    from sift_lightning import dense_state_dict
+
+    torch.manual_seed(0)
+    model = transform(_ListedConvs(), "sparse_parallel", 0.5)
+    for i in range(2):
+        assert model.convs[i].norm_slot == f"../bns.{i}"
+        assert all(isinstance(b, nn.Sequential) and type(b[1]) is nn.BatchNorm2d for b in model.convs[i].branches)
+        assert type(model.bns[i]) is nn.Identity
+    plain = _ListedConvs()
+    plain.load_state_dict(dense_state_dict(model.eval()), strict=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model(x), rtol=1e-5, atol=1e-5)

@@ -22,9 +22,9 @@ class ProbeFailure(Exception):
     """The probe pass failed inside module ``where`` (the innermost one still running)."""
 
     def __init__(self, where: str, error: BaseException) -> None:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        super().__init__(f"{where}: {type(error).__name__}: {first[:200]}")
-        self.where, self.error = where, error
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        self.where, self.error, self.message = where, error, f"{type(error).__name__}: {first}"
+        super().__init__(f"{where}: {self.message}")
 
 
 @dataclass

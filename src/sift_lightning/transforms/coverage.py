@@ -65,7 +65,7 @@ TIMM_MODELS: tuple[TimmCase, ...] = (
     _c("ResNet/ResNeXt/SE", "resnet50", **_TINY_RESNET),
     _c("ResNet/ResNeXt/SE", "seresnet18", **_TINY_RESNET),
     _c("ResNet/ResNeXt/SE", "resnext26ts"),
-    _c("ResNet/ResNeXt/SE", "resnetv2_50", channels=(32, 64, 128, 256)),
+    _c("ResNet/ResNeXt/SE", "resnetv2_50"),  # full width: a tiny one is mostly its 64-wide 7x7 stem
     _c("ResNet/ResNeXt/SE", "skresnet18"),
     _c("EfficientNet/MobileNet", "efficientnet_b0"),
     _c("EfficientNet/MobileNet", "tf_efficientnet_b0"),

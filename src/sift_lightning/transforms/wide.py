@@ -171,12 +171,11 @@ def _widen_cnn(model: nn.Module, factor: float, example_input: Any = None) -> nn
     try:
         wide = trace(_widen_(meta_copy(model), factor, first, last), x)
     except ProbeFailure as err:
-        raise _refuse(model, err.where, f"fails once widened ({err.error.__class__.__name__}: "
-                                        f"{str(err).split(': ', 2)[-1]}): a width it holds outside its layers "
-                                        "(a channel split, a concatenation, a fixed index) does not follow") from None
+        raise _refuse(model, err.where, f"fails once widened ({err.message}): a width the model holds outside its "
+                                        "layers (a channel split, a concatenation, a fixed index) does not follow") from None
     if wide.out_shapes != dense.out_shapes:
-        raise _refuse(model, dense.layers[-1], f"leaves the widened model with outputs {wide.out_shapes} instead of "
-                                   f"{dense.out_shapes}: a width outside the layers does not follow")
+        raise _refuse(model, dense.layers[-1], f"leaves the widened model with outputs {wide.out_shapes} instead "
+                                               f"of {dense.out_shapes}: a width outside the layers does not follow")
     return _widen_(copy.deepcopy(model), factor, first, last)
 
 
