@@ -23,7 +23,9 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
-from sift_lightning import GPT, LanguageModel, SparsityCallback, create_backbone, export_checkpoint, gpt_config
+from sift_lightning import (
+    GPT, DynamicSparsity, LanguageModel, SparsityCallback, create_backbone, export_checkpoint, gpt_config,
+)
 from sift_lightning.parallel import consolidate_checkpoint, is_fully_sharded, shard_units
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -155,3 +157,15 @@ def test_configure_model_shards_nothing_outside_model_parallel():
     module = LanguageModel()
     module.configure_model()  # no trainer, or another strategy: FSDP2 is not asked for
     assert not is_fully_sharded(module.backbone)
+
+
+def test_the_engine_refuses_a_model_sharded_before_it():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = fully_shard(GPT(gpt_config("gpt_tiny")))
+        with pytest.raises(ValueError, match="apply the sparsity engine first, then shard"):
+            DynamicSparsity(sparsity=0.5, transform="sparse_wide").apply(model)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -152,6 +152,9 @@ class DynamicSparsity:
                 raise ValueError("model was made sparse with other settings already; apply the engine to a fresh model")
             self.model = model
             return model
+        if any(is_sharded(p) for p in model.parameters()):  # a member rebuilds layers: whole tensors only
+            raise ValueError("model is sharded already (fully_shard); apply the sparsity engine first, then shard "
+                             "(sift_lightning.parallel.shard_model, or configure_model under Lightning)")
         marked = [name for name, _ in sparse_modules(model)]
         if marked and s.transform is not None:
             raise ValueError(
