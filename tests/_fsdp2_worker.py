@@ -9,7 +9,8 @@ active count per layer unchanged. Rank 0 writes the whole masks and weights at t
 
 MODE ``lightning`` (2 processes) trains ``LanguageModel`` with ``SparsityCallback`` under Lightning's
 ``ModelParallelStrategy``: 8 steps straight (``lightning.pt``), and 4 steps, a distributed
-checkpoint (OUT/sharded.ckpt/), then a resume to 8 (``resumed.pt``; the state at 4: ``at4.pt``).
+checkpoint (OUT/sharded.ckpt/), then a resume to 8 (``resumed``; the state at 4: ``at4``); and the
+same through one gathered checkpoint file (OUT/whole.ckpt, ``from_file``); all in OUT/lightning.pt.
 ``lightning_run`` is the same run in one process, for the test to compare against.
 """
 
@@ -111,16 +112,19 @@ def lightning_data() -> DataLoader:
 
 
 def lightning_run(epochs: int, devices: int, ckpt_path: str | None = None, save: str | None = None,
-                  checks: list | None = None, ours: bool = False, logs: str | None = None) -> LanguageModel:
+                  checks: list | None = None, ours: bool = False, logs: str | None = None,
+                  one_file: bool = False) -> LanguageModel:
     """Fit a tiny Sparse Wide GPT for ``epochs`` epochs of 4 steps; 2 devices: FSDP2 with Lightning's
-    ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, or ``ours``: ``FSDP2Strategy()``."""
+    ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, or ``ours``: ``FSDP2Strategy()``
+    (``one_file``: checkpoints gathered into one file on rank 0 instead of a folder of shards)."""
     global WORLD
     WORLD = devices
     torch.manual_seed(0)
     model = LanguageModel(GPTConfig(vocab_size=64, block_size=T, n_layer=2, n_head=2, d_model=16),
                           optim=OptimConfig(name="sgd", lr=0.5, momentum=0.9, nesterov=False, weight_decay=1e-2,
                                             schedule="constant"))
-    strategy = "auto" if devices == 1 else FSDP2Strategy() if ours else ModelParallelStrategy(2, 1)
+    strategy = ("auto" if devices == 1 else FSDP2Strategy(save_distributed_checkpoint=not one_file) if ours
+                else ModelParallelStrategy(2, 1))
     logger = TensorBoardLogger(logs) if logs else False  # logs: per-layer images at updates (rank 0 only)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=logger,
                          use_distributed_sampler=False,
@@ -162,10 +166,12 @@ def lightning_main(out: str) -> None:
     straight = whole_state(lightning_run(2, 2, checks=checks, logs=os.path.join(out, "logs")))
     at4 = whole_state(lightning_run(1, 2, save=os.path.join(out, "sharded.ckpt"), checks=checks, ours=True))
     resumed = whole_state(lightning_run(2, 2, ckpt_path=os.path.join(out, "sharded.ckpt"), checks=checks, ours=True))
+    lightning_run(1, 2, save=os.path.join(out, "whole.ckpt"), checks=checks, ours=True, one_file=True)
+    from_file = whole_state(lightning_run(2, 2, ckpt_path=os.path.join(out, "whole.ckpt"), checks=checks, ours=True))
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, checks)
     if dist.get_rank() == 0:
-        torch.save({"straight": straight, "at4": at4, "resumed": resumed, "violations": found},
+        torch.save({"straight": straight, "at4": at4, "resumed": resumed, "from_file": from_file, "violations": found},
                    os.path.join(out, "lightning.pt"))
 
 
