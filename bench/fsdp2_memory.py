@@ -84,7 +84,8 @@ def worker(model_name: str, steps: int, batch: int) -> None:
     print(json.dumps({"rank": rank, "world": world, "params": params, "grads": grads, "optimizer": states,
                       "masks": masks, "whole_masks": whole_masks, "state": params + grads + states + masks,
                       "base_rss_mib": base, "peak_rss_mib": _rss_mib(), "updates": ds.updates,
-                      "numel": sum(p.numel() for p in model.parameters())}), flush=True)
+                      "numel": sum(p.numel() for p in model.parameters()), "d_model": config.d_model,
+                      "wide_d_model": model.config.d_model}), flush=True)
     if world > 1:
         dist.destroy_process_group()
 
@@ -150,14 +151,16 @@ def main() -> None:
 def _report(args: argparse.Namespace, rows: list[dict], table: str, state_ratio: float, mask_ratio: float,
             torch_version: str) -> str:
     one = rows[0]
-    rss_ratio = max(r["peak_rss_mib"] - r["base_rss_mib"] for r in rows[1:]) / (one["peak_rss_mib"] - one["base_rss_mib"])
+    above = [r["peak_rss_mib"] - r["base_rss_mib"] for r in rows]
+    rss_ratio = max(above[1:]) / above[0]
     return f"""# FSDP2 memory per rank on CPU: Sparse Wide {args.model}, s=0.75
 
 Measured with `python bench/fsdp2_memory.py --write` on a 2-core AMD EPYC VM (no GPU), torch
-{torch_version}, Python {platform.python_version()}, gloo; shared with other jobs. Plain loop: `DynamicSparsity(transform=
-"sparse_wide", sparsity=0.75, algorithm="rigl", update_frequency=2)`, AdamW, {args.steps} steps
-({one['updates']} RigL updates), a global batch of {args.batch} sequences of 256 tokens per step;
-the model has {one['numel'] / 1e6:.2f}M stored parameters (d_model 128 -> 256). 2 processes:
+{torch_version}, Python {platform.python_version()}, gloo; shared with other jobs. Plain loop:
+`DynamicSparsity(transform="sparse_wide", sparsity=0.75, algorithm="rigl", update_frequency=2)`, AdamW,
+{args.steps} steps ({one['updates']} RigL updates), a global batch of {args.batch} sequences of 256 tokens per step;
+the model has {one['numel'] / 1e6:.2f}M stored parameters
+(d_model {one['d_model']} -> {one['wide_d_model']}). 2 processes:
 `shard_model` (fully_shard per transformer block, then the root), each rank half of each batch.
 Sizes in MiB; "state" counts the rank's own tensors exactly (local shards under FSDP2); RSS is the
 process's peak resident set, "base" its RSS after the imports.

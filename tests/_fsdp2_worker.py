@@ -27,7 +27,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from sift_lightning import GPT, DynamicSparsity, GPTConfig, LanguageModel, OptimConfig, SparsitySettings, SparsityCallback
+from sift_lightning import (
+    GPT, DynamicSparsity, GPTConfig, LanguageModel, OptimConfig, SparsityCallback, SparsitySettings,
+)
 from sift_lightning.parallel import FSDP2Strategy, shard_model
 from sift_lightning.sparse.masks import get_mask, sparse_parameters
 from sift_lightning.sparse.sharded import full_tensor, is_sharded, local_tensor, mask_bytes
@@ -129,7 +131,7 @@ def lightning_run(epochs: int, devices: int, ckpt_path: str | None = None, save:
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=logger,
                          use_distributed_sampler=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Seed(), SparsityCallback(**LM_SETTINGS), Check(checks if checks is not None else [])])
+                         callbacks=[Seed(), SparsityCallback(**LM_SETTINGS), Check([] if checks is None else checks)])
     trainer.fit(model, lightning_data(), ckpt_path=ckpt_path)
     if save:
         trainer.save_checkpoint(save)

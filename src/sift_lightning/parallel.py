@@ -127,7 +127,8 @@ def configure_fsdp2(module: Any, model: nn.Module | None = None) -> None:
         return
     mesh = module.device_mesh
     if mesh["tensor_parallel"].size() > 1:
-        raise ValueError(f"Sparse-IFT shards with FSDP2 only, but tensor_parallel_size={mesh['tensor_parallel'].size()}; "
+        tp = mesh["tensor_parallel"].size()
+        raise ValueError(f"Sparse-IFT shards with FSDP2 only, but tensor_parallel_size={tp}; "
                          "use ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)")
     policy = mixed_precision_policy(trainer.strategy.root_device, str(trainer.precision))
     shard_model(model, mesh["data_parallel"], mp_policy=policy)
