@@ -104,7 +104,11 @@ class _SaveConfigOnce(SaveConfigCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not self.already_saved and self.save_to_log_dir and trainer.log_dir is not None:
             path = os.path.join(trainer.log_dir, self.config_filename)
-            if trainer.strategy.broadcast(trainer.is_global_zero and os.path.isfile(path)):
+            ckpt = self.config.get("ckpt_path") if hasattr(self.config, "get") else None
+            if stage != "fit" or (ckpt and os.path.abspath(str(ckpt)).startswith(os.path.abspath(trainer.log_dir) + os.sep)):
+                # evaluation writes no checkpoints; a fit resumed from its own last.ckpt is the same run
+                self.overwrite = True
+            elif trainer.strategy.broadcast(trainer.is_global_zero and os.path.isfile(path)):
                 raise ValueError(
                     f"{path} exists: a previous run wrote it, and its checkpoints belong to it; give this run its "
                     "own folder (--trainer.default_root_dir, or keep the TensorBoard logger: it makes version_<n>) "
