@@ -77,7 +77,7 @@ class SparsityCallback(pl.Callback):
         exclude: Sequence[str] | None = None,
         keep_ends_dense: bool = True,
         transform_options: dict[str, Any] | None = None,
-        match_flops: bool = False,
+        match_flops: bool | None = None,
         sparse_init_scale: bool = False,
         parametrization: str = "standard",
         seed: int = 0,

@@ -52,8 +52,8 @@ class SparsitySettings:
     """Keep the first and last layer (or the model's sift_dense_layers) dense."""
     transform_options: dict[str, Any] = field(default_factory=dict)
     """Member options, e.g. {"branch_norm": false} (Parallel) or {"linear_act": "none"} (Factorized)."""
-    match_flops: bool = False
-    """Retune the sparsity so sparse MACs equal the dense model's on the example input (one batch)."""
+    match_flops: bool | None = None
+    """Retune the sparsity so sparse MACs equal the dense model's on the example input (one batch); None: on for sparse_wide when an example input is known (its wider dense stem/head would break the budget), off otherwise."""
     sparse_init_scale: bool = False
     """Rescale kept weights by 1/sqrt(density) at mask init, so each layer's output scale matches a dense layer's."""
     parametrization: Literal["standard", "supar"] = "standard"
@@ -104,7 +104,8 @@ class SparsitySettings:
 
     def structure(self) -> tuple[Any, ...]:
         """The settings that decide the model's structure and masks' shapes: a checkpoint must agree on them."""
-        return (self.transform, self.sparsity, self.match_flops, self.include, self.exclude, self.keep_ends_dense,
+        matched = self.match_flops if self.match_flops is not None else self.transform == "sparse_wide"
+        return (self.transform, self.sparsity, matched, self.include, self.exclude, self.keep_ends_dense,
                 sorted(self.transform_options.items()))
 
 
