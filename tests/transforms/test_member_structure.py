@@ -7,7 +7,7 @@ from torch import nn
 import sift_lightning.transforms as transforms
 from sift_lightning import count_flops, transform
 from sift_lightning.sparse.masks import get_mask, init_masks
-from sift_lightning.transforms._registry import _MEMBERS, get_member, register
+from sift_lightning.transforms import get_member, register, unregister
 from sift_lightning.transforms.parallel import NormActTail, SparseParallel
 
 timm = pytest.importorskip("timm")
@@ -31,7 +31,7 @@ def test_register_accepts_a_new_name_and_lookups_list_it():
         with pytest.raises(ValueError, match="registered already"):
             register("sparse_test_only")(lambda model, sparsity: model)
     finally:
-        del _MEMBERS["sparse_test_only"]
+        unregister("sparse_test_only")
 
 
 def test_member_positional_and_width_factor():

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["get_member", "member_names", "register"]
+__all__ = ["get_member", "member_names", "register", "unregister"]
 
 # A member takes (model, sparsity, **options) and returns the transformed model.
 Member = Callable[..., nn.Module]
@@ -38,3 +38,9 @@ def get_member(name: str) -> Member:
     if name not in _MEMBERS:
         raise ValueError(f"unknown Sparse-IFT member {name!r}; valid: {', '.join(_MEMBERS)}")
     return _MEMBERS[name]
+
+
+def unregister(name: str) -> None:
+    """Remove the member registered under ``name`` (a plug-in's own cleanup; tests)."""
+    get_member(name)  # an unknown name fails loudly, listing the valid ones
+    del _MEMBERS[name]
