@@ -42,7 +42,7 @@ from sift_lightning.models.gpt import GPT, gpt_config
 from sift_lightning.sparse.masks import init_masks, mark_sparse
 from sift_lightning.transforms.wide import wide_factor
 
-FAMILIES = ("sparse_parallel", "sparse_doped", "sparse_wide", "sparse_factorized")
+MEMBERS = ("sparse_parallel", "sparse_doped", "sparse_wide", "sparse_factorized")
 FOLDED = ("sparse_parallel", "sparse_doped")
 
 
@@ -56,9 +56,9 @@ class Bench:
     sample: Callable[[int], torch.Tensor]  # batch size -> input
     sparse_ift: Callable[[str, float], nn.Module] | None = None  # default: transform(build(), ...)
 
-    def member(self, family: str, s: float) -> nn.Module:
+    def member(self, member: str, s: float) -> nn.Module:
         torch.manual_seed(0)
-        model = self.sparse_ift(family, s) if self.sparse_ift else transform(self.build(), family, s)
+        model = self.sparse_ift(member, s) if self.sparse_ift else transform(self.build(), member, s)
         init_masks(model, generator=torch.Generator().manual_seed(0))
         _randomise_norms(model)
         return model.eval()
@@ -82,9 +82,9 @@ def _mlp(width: int, depth: int = 3, d_in: int = 784, d_out: int = 10) -> nn.Seq
 
 
 def _mlp_member(width: int) -> Callable[[str, float], nn.Module]:
-    def build(family: str, s: float) -> nn.Module:
-        if family != "sparse_wide":
-            return transform(_mlp(width), family, s)
+    def build(member: str, s: float) -> nn.Module:
+        if member != "sparse_wide":
+            return transform(_mlp(width), member, s)
         # widened by hand: sparse_wide would widen this MLP's input too (a Linear-first model)
         wide = _mlp(int(width * wide_factor(s) + 1e-6))
         for layer in [m for m in wide if isinstance(m, nn.Linear)][1:-1]:
@@ -196,17 +196,17 @@ def run_bench(bench: Bench, sparsities: list[float], batch_sizes: list[int], rep
              f"{weights_mib(dense):.1f} MiB of weights.", ""]
     rows: dict[int, list[str]] = {b: [] for b in batch_sizes}
     layer_rows: list[str] = []
-    for family in FAMILIES:
+    for member in MEMBERS:
         for s in sparsities:
             t0 = time.perf_counter()
-            masked = bench.member(family, s)
-            if family in FOLDED:
+            masked = bench.member(member, s)
+            if member in FOLDED:
                 shipped = fold(masked).eval()
             else:
                 shipped = sparse_export(masked, bench.sample(1), batch_sizes=batch_sizes, min_speedup=min_speedup,
                                         repeats=decision_repeats)
                 if s == max(sparsities):
-                    layer_rows += _decision_rows(family, s, shipped.sift_export_report, batch_sizes)
+                    layer_rows += _decision_rows(member, s, shipped.sift_export_report, batch_sizes)
             with torch.inference_mode():
                 x = bench.sample(2)
                 err = rel_error(shipped(x), masked(x))
@@ -215,12 +215,12 @@ def run_bench(bench: Bench, sparsities: list[float], batch_sizes: list[int], rep
                 mem = [peak_mib(m, x) if memory else None for m in (dense, masked, shipped)]  # warms up too
                 ms = latencies({"dense": dense, "masked": masked, "shipped": shipped}, x, repeats)
                 rows[b].append(
-                    f"| {family} | {s} | {shipped_as(shipped)} | {ms['dense']:.2f} | {ms['masked']:.2f} | "
+                    f"| {member} | {s} | {shipped_as(shipped)} | {ms['dense']:.2f} | {ms['masked']:.2f} | "
                     f"{ms['shipped']:.2f} | {ms['shipped'] / ms['dense']:.2f} | "
                     f"{' / '.join(_fmt(m, '.0f') for m in mem)} | "
                     f"{weights_mib(masked):.1f} / {weights_mib(shipped):.1f} | {err:.0e} |"
                 )
-            print(f"  {bench.name} {family} s={s}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            print(f"  {bench.name} {member} s={s}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     for b in batch_sizes:
         lines += [f"Batch {b}:", "",
                   "| member | s | shipped as | dense ms | masked ms | shipped ms | shipped / dense | "
@@ -234,12 +234,12 @@ def run_bench(bench: Bench, sparsities: list[float], batch_sizes: list[int], rep
     return lines
 
 
-def _decision_rows(family: str, s: float, report: list, batch_sizes: list[int]) -> list[str]:
+def _decision_rows(member: str, s: float, report: list, batch_sizes: list[int]) -> list[str]:
     rows = []
     for d in report:
         cells = " | ".join(f"{d.dense_ms[b]:.3f} / {d.sparse_ms[b]:.3f}" if b in d.sparse_ms else "not timed"
                            for b in batch_sizes)
-        rows.append(f"| {family} {s} | {d.name} | {d.density:.3f} | {cells} | {'yes' if d.csr else 'no'} |")
+        rows.append(f"| {member} {s} | {d.name} | {d.density:.3f} | {cells} | {'yes' if d.csr else 'no'} |")
     return rows
 
 

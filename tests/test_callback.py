@@ -32,7 +32,7 @@ from sift_lightning.models.gpt import GPT, gpt_config
 from sift_lightning.sparse.masks import MASK_SUFFIX, get_mask, sparse_parameters
 from sift_lightning.sparse.schedules import is_update_step
 
-FAMILIES_IN_PLACE = [None, "sparse_parallel", "sparse_factorized", "sparse_doped"]
+MEMBERS_IN_PLACE = [None, "sparse_parallel", "sparse_factorized", "sparse_doped"]
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
@@ -521,26 +521,26 @@ def test_resume_with_other_settings_fails(tmp_path, saved, run, names):
         _fit(MLP(), SparsityCallback(algorithm="static", **run), max_steps=2, ckpt_path=str(path))
 
 
-# ---------------------------------------------------------------- any module, every family
-@pytest.mark.parametrize("family", FAMILIES_IN_PLACE)
+# ---------------------------------------------------------------- any module, every member
+@pytest.mark.parametrize("member", MEMBERS_IN_PLACE)
 @pytest.mark.parametrize("make", [CNN, MLP, lambda: Wrapped(_tiny_gpt())], ids=["cnn", "mlp", "gpt"])
-def test_families_on_user_modules(make, family):
+def test_members_on_user_modules(make, member):
     torch.manual_seed(0)
     model = make()
-    cb = SparsityCallback(0.5, transform=family, algorithm="rigl", update_frequency=2, drop_fraction=0.5)
+    cb = SparsityCallback(0.5, transform=member, algorithm="rigl", update_frequency=2, drop_fraction=0.5)
     before = sum(p.numel() for p in model.parameters())
     _, checker = _fit(model, cb, _loader(_data_for(model), batch_size=4), max_steps=6)
     assert checker.updates > 0
-    if family in ("sparse_parallel", "sparse_factorized"):
+    if member in ("sparse_parallel", "sparse_factorized"):
         assert sum(p.numel() for p in model.parameters()) > before
     assert all(abs(s - 0.5) < 0.01 for s in sparse_targets(model).values())
 
 
-@pytest.mark.parametrize("family", [*FAMILIES_IN_PLACE, "sparse_wide"])
-def test_timm_resnet(family):
+@pytest.mark.parametrize("member", [*MEMBERS_IN_PLACE, "sparse_wide"])
+def test_timm_resnet(member):
     torch.manual_seed(0)
     model = Swappable(_tiny_resnet(), optimizer="sgd")
-    cb = SparsityCallback(0.5, transform=family, algorithm="rigl", update_frequency=2, drop_fraction=0.5)
+    cb = SparsityCallback(0.5, transform=member, algorithm="rigl", update_frequency=2, drop_fraction=0.5)
     _, checker = _fit(model, cb, _loader(_images(8, size=16), batch_size=4), max_steps=4)
     assert checker.updates > 0
     assert "backbone.conv1.weight" not in sparse_targets(model)  # the stem stays dense

@@ -264,7 +264,7 @@ def _checkpoint(tmp_path: Path, family: str) -> Path:
 def test_export_checkpoint_folds_parallel_to_a_plain_timm_state_dict(tmp_path, capsys):
     path = _checkpoint(tmp_path, "sparse_parallel")
     summary = export_checkpoint(path, tmp_path / "model.pt")
-    assert summary["folded"] and summary["family"] == "sparse_parallel" and summary["sparsity"] == 0.5
+    assert summary["folded"] and summary["member"] == "sparse_parallel" and summary["sparsity"] == 0.5
     assert summary["max_rel_error"] <= 1e-5
     plain = create_backbone("resnet18", 10, cifar_stem=True, in_chans=1, channels=(8, 16, 32, 64))
     plain.load_state_dict(torch.load(tmp_path / "model.pt"), strict=True)

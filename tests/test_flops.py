@@ -55,7 +55,7 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("family", "s", "middle_dense", "middle_sparse", "sparse_part"),
+    ("member", "s", "middle_dense", "middle_sparse", "sparse_part"),
     [
         ("dense", 0.5, 600, 600, 0),
         ("sparse_parallel", 0.75, 4 * 600, 600, 4 * 600),  # 4 branches of 20x30 at density 1/4
@@ -63,8 +63,8 @@ def _mlp() -> nn.Module:
         ("sparse_doped", 0.5, 600 + 6 * 20 + 6 * 30, 300 + 6 * 50, 600),  # r = floor(300/50); U, V dense
     ],
 )
-def test_hand_computed_sparse_macs(family, s, middle_dense, middle_sparse, sparse_part):
-    report = count_flops(transform(_mlp(), family, s), torch.zeros(1, 10))
+def test_hand_computed_sparse_macs(member, s, middle_dense, middle_sparse, sparse_part):
+    report = count_flops(transform(_mlp(), member, s), torch.zeros(1, 10))
     ends = 10 * 20 + 30 * 5
     assert report.dense_macs == ends + middle_dense
     assert report.sparse_macs == pytest.approx(ends + middle_sparse, abs=1e-9)
@@ -143,21 +143,21 @@ def _table(capsys, argv):
     main(argv)
     rows = {}
     for line in capsys.readouterr().out.splitlines()[1:]:
-        family, s, params, dense, sparse, ratio = line.split()
-        rows[(family, float(s))] = (int(params.replace(",", "")), float(ratio))
+        member, s, params, dense, sparse, ratio = line.split()
+        rows[(member, float(s))] = (int(params.replace(",", "")), float(ratio))
     return rows
 
 
-def test_cli_table_three_families(capsys):
-    families = ["sparse_parallel", "sparse_factorized", "sparse_doped"]
-    rows = _table(capsys, ["resnet18", "--cifar-stem", "--sparsity", "0.5", "--families", *families])
+def test_cli_table_three_members(capsys):
+    members = ["sparse_parallel", "sparse_factorized", "sparse_doped"]
+    rows = _table(capsys, ["resnet18", "--cifar-stem", "--sparsity", "0.5", "--members", *members])
     assert rows[("dense", 0.0)] == (11_220_132, 1.0)
-    assert set(rows) == {("dense", 0.0)} | {(f, 0.5) for f in families}
-    for family in families:
-        assert rows[(family, 0.5)][1] == pytest.approx(1.0, abs=0.02)
+    assert set(rows) == {("dense", 0.0)} | {(f, 0.5) for f in members}
+    for member in members:
+        assert rows[(member, 0.5)][1] == pytest.approx(1.0, abs=0.02)
 
 
-def test_cli_table_default_families(capsys):
+def test_cli_table_default_members(capsys):
     rows = _table(capsys, ["resnet18", "--cifar-stem", "--sparsity", "0.5"])
     assert {f for f, _ in rows} == {"dense", "sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped"}
     assert all(s == 0.5 for f, s in rows if f != "dense")
@@ -167,7 +167,7 @@ def test_cli_table_default_families(capsys):
 
 
 def test_cli_gpt_with_match_flops(capsys):
-    rows = _table(capsys, ["gpt_tiny", "--sparsity", "0.5", "--families", "sparse_factorized", "sparse_doped",
+    rows = _table(capsys, ["gpt_tiny", "--sparsity", "0.5", "--members", "sparse_factorized", "sparse_doped",
                            "--match-flops"])
     assert rows[("dense", 0.0)][0] == GPT(gpt_config("gpt_tiny"), device="meta").num_params(non_embedding=False)
     assert rows[("sparse_factorized", 0.5)][1] == rows[("sparse_doped", 0.5)][1] == 1.0
@@ -175,7 +175,7 @@ def test_cli_gpt_with_match_flops(capsys):
 
 def test_cli_module_entry_point(capsys, monkeypatch):
     # what `python -m sift_lightning.flops ...` runs, in-process (a subprocess costs seconds)
-    argv = ["sift_lightning.flops", "gpt_tiny", "--sparsity", "0.75", "--families", "sparse_wide"]
+    argv = ["sift_lightning.flops", "gpt_tiny", "--sparsity", "0.75", "--members", "sparse_wide"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_module("sift_lightning.flops", run_name="__main__")
     out = capsys.readouterr().out

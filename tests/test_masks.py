@@ -38,7 +38,7 @@ def _model() -> nn.Module:
 X = torch.zeros(1, 3, 6, 6)
 
 
-def _expected_targets(family: str, s: float) -> dict[str, float]:
+def _expected_targets(member: str, s: float) -> dict[str, float]:
     """Conv "3" (followed by BN "4"), conv "6" and Linear "10" are replaced; "0" and "12" stay dense."""
     n = round(1 / (1 - s))
     names = {
@@ -47,20 +47,20 @@ def _expected_targets(family: str, s: float) -> dict[str, float]:
         + [f"{layer}.branches.{i}.weight" for layer in ("6", "10") for i in range(n)],
         "sparse_factorized": [f"{layer}.{f}.weight" for layer in ("3", "6", "10") for f in ("u", "v")],
         "sparse_doped": ["3.sparse.weight", "6.sparse.weight", "10.sparse.weight"],
-    }[family]
+    }[member]
     return {name: s for name in names}
 
 
 @pytest.mark.parametrize("s", [0.5, 0.75, 0.9])
-@pytest.mark.parametrize("family", MEMBERS)
-def test_targets_before_masks_are_the_sparsity(family, s):
-    assert sparse_targets(transform(_model(), family, s)) == _expected_targets(family, s)
+@pytest.mark.parametrize("member", MEMBERS)
+def test_targets_before_masks_are_the_sparsity(member, s):
+    assert sparse_targets(transform(_model(), member, s)) == _expected_targets(member, s)
 
 
 @pytest.mark.parametrize("s", [0.5, 0.75, 0.9])
-@pytest.mark.parametrize("family", MEMBERS)
-def test_init_masks_exact_counts_and_zeros(family, s):
-    model = transform(_model(), family, s)
+@pytest.mark.parametrize("member", MEMBERS)
+def test_init_masks_exact_counts_and_zeros(member, s):
+    model = transform(_model(), member, s)
     init_masks(model, generator=torch.Generator().manual_seed(0))
     targets = sparse_targets(model)
     report = count_flops(model, X)

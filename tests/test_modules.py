@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sift_lightning import FAMILIES, ImageClassifier, LanguageModel, OptimConfig, SparsityCallback, sparse_targets
+from sift_lightning import MEMBERS, ImageClassifier, LanguageModel, OptimConfig, SparsityCallback, sparse_targets
 
 TINY_RESNET = {"channels": (8, 16, 32, 64)}
 
@@ -41,24 +41,24 @@ def _fit(module: pl.LightningModule, data: DataLoader, callbacks: list, tmp_path
     return trainer
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_classifier_trains_with_every_member(family, tmp_path):
+@pytest.mark.parametrize("member", MEMBERS)
+def test_classifier_trains_with_every_member(member, tmp_path):
     module = _classifier()
-    callbacks = [] if family == "dense" else [SparsityCallback(0.5, transform=family, update_frequency=1)]
+    callbacks = [] if member == "dense" else [SparsityCallback(0.5, transform=member, update_frequency=1)]
     trainer = _fit(module, _image_data(), callbacks, tmp_path)
     assert math.isfinite(trainer.callback_metrics["train/loss"])
     assert {"val/loss", "val/acc1", "val/acc5"} <= set(trainer.callback_metrics)
-    assert (len(sparse_targets(module)) > 0) == (family != "dense")
+    assert (len(sparse_targets(module)) > 0) == (member != "dense")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_language_model_trains_with_every_member(family, tmp_path):
+@pytest.mark.parametrize("member", MEMBERS)
+def test_language_model_trains_with_every_member(member, tmp_path):
     module = LanguageModel("gpt_tiny", optim=OptimConfig(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=1))
-    callbacks = [] if family == "dense" else [SparsityCallback(0.5, transform=family, update_frequency=1)]
+    callbacks = [] if member == "dense" else [SparsityCallback(0.5, transform=member, update_frequency=1)]
     trainer = _fit(module, _text_data(), callbacks, tmp_path)
     loss = float(trainer.callback_metrics["val/loss"])
     assert float(trainer.callback_metrics["val/ppl"]) == pytest.approx(math.exp(loss), rel=1e-5)
-    if family == "sparse_wide":
+    if member == "sparse_wide":
         assert module.backbone.config.d_model == 92  # 64 * sqrt(2) = 90.5 -> 4 heads * round(22.63) = 92
 
 
@@ -118,8 +118,8 @@ def test_optim_config_errors(kwargs, message):
         OptimConfig(**kwargs)
 
 
-@pytest.mark.parametrize("family", ["sparse_wide", "sparse_parallel"])
-def test_logged_flops_count_attention_like_count_flops(family, tmp_path):
+@pytest.mark.parametrize("member", ["sparse_wide", "sparse_parallel"])
+def test_logged_flops_count_attention_like_count_flops(member, tmp_path):
     """The callback's per-sample FLOPs include the attention scores (activation x activation), as
     ``count_flops`` does: a GPT's train FLOPs are not undercounted."""
     from lightning.pytorch.loggers import CSVLogger
@@ -127,7 +127,7 @@ def test_logged_flops_count_attention_like_count_flops(family, tmp_path):
     from sift_lightning import count_flops
 
     module = LanguageModel("gpt_tiny", block_size=64, optim=OptimConfig(name="adamw", lr=1e-3))
-    cb = SparsityCallback(0.5, transform=family, algorithm="static")
+    cb = SparsityCallback(0.5, transform=member, algorithm="static")
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[cb], limit_val_batches=0)

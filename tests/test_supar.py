@@ -36,10 +36,10 @@ def _cnn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def _member(model: nn.Module, family: str, s: float) -> nn.Module:
+def _member(model: nn.Module, member: str, s: float) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Parallel warns about Linear branches without a norm
-        return transform(model, family, s)
+        return transform(model, member, s)
 
 
 def _values(scales: dict[str, SuparScale]) -> set[tuple[float, float]]:
@@ -145,7 +145,7 @@ def test_param_groups_sgd_rule_parallel_biases_and_errors():
     with pytest.raises(ValueError, match="init_scheme must be one of fan_in, fixed"):
         supar_multipliers(wide, init_scheme="kaiming")
     del wide.sift_width_factor
-    wide.sift_family = "sparse_wide"
+    wide.sift_member = "sparse_wide"
     with pytest.raises(ValueError, match="must carry sift_width_factor"):
         supar_multipliers(wide)
 
@@ -186,7 +186,8 @@ def test_configure_optim_uses_supar_groups_on_a_marked_model(tmp_path):
 def test_sparsity_callback_switch_applies_supar(tmp_path):
     optim = OptimConfig(name="adamw", lr=1e-3, schedule="constant")
     module = LanguageModel("gpt_tiny", optim=optim)
-    _fit(module, [SparsityCallback(0.75, transform="sparse_wide", algorithm="static", parametrization="supar")], tmp_path)
+    _fit(module, [SparsityCallback(0.75, transform="sparse_wide", algorithm="static", parametrization="supar",
+                                       match_flops=False)], tmp_path)
     assert uses_supar(module) and list(_sparse_lrs(module).values()) == pytest.approx([2e-3] * 8)
 
 

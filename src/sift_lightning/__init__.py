@@ -9,10 +9,11 @@ from sift_lightning.modules import ImageClassifier, LanguageModel, OptimConfig
 from sift_lightning.sparse.engine import DynamicSparsity
 from sift_lightning.sparse.masks import SparseOwner, mark_sparse, sparse_targets
 from sift_lightning.sparse.settings import SparsitySettings
-from sift_lightning.transforms import FAMILIES, transform
+from sift_lightning.transforms import FAMILIES, MEMBERS, transform
 
 __all__ = [
     "FAMILIES",
+    "MEMBERS",
     "FlopReport",
     "GPT",
     "GPTConfig",

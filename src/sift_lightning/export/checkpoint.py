@@ -146,7 +146,7 @@ def export_checkpoint(
             attribute, ``example_input_array`` and a constructor that builds the plain backbone.
 
     Returns:
-        A summary: ``family``, ``sparsity``, ``folded``, ``out``, ``program``, ``params`` (stored),
+        A summary: ``member``, ``sparsity``, ``folded``, ``out``, ``program``, ``params`` (stored),
         ``active_params`` (non-zero), ``macs`` (per sample, counted sparse), ``dense_macs``,
         ``monitor``/``score`` (the ModelCheckpoint's best, if any), ``max_rel_error`` (shipped
         vs. trained model), ``csr_layers`` and ``notes``. ``format_summary`` prints it in one line.
@@ -161,7 +161,7 @@ def export_checkpoint(
     if settings is None and any(k.endswith(MASK_SUFFIX) for k in upgrade_mask_keys(checkpoint.get("state_dict", {}))):
         raise ValueError(f"{ckpt_path} holds sparse masks but no '{SIFT_CHECKPOINT_KEY}' settings to rebuild "
                          "its structure from; was it written by SparsityCallback?")
-    family = "dense" if settings is None else settings.get("transform")
+    member = "dense" if settings is None else settings.get("transform")
     cls = module_cls or _module_class(checkpoint)
     source: Any = ckpt_path
     if ckpt_path.is_dir():  # FSDP2's folder of shards, read whole above: load_from_checkpoint takes one file
@@ -172,9 +172,9 @@ def export_checkpoint(
     trained, example = module.backbone, module.example_input_array[:1]
     notes: list[str] = []
     csr = None
-    if family in (None, "dense", "sparse_parallel", "sparse_doped"):
+    if member in (None, "dense", "sparse_parallel", "sparse_doped"):
         shipped = cls(**module.hparams).backbone.eval()  # the plain architecture, fresh
-        shipped.load_state_dict(dense_state_dict(fold(trained, member=family)), strict=True)
+        shipped.load_state_dict(dense_state_dict(fold(trained, member=member)), strict=True)
         torch.save(shipped.state_dict(), out_path)
         report = count_flops(shipped, example)
     else:
@@ -182,14 +182,14 @@ def export_checkpoint(
         torch.save(trained.state_dict(), out_path)
         report = count_flops(trained, example)
         csr = f"{sum(d.csr for d in shipped.sift_export_report)}/{len(shipped.sift_export_report)}"
-        notes.append(f"{family} cannot fold: {out_path.name} holds the Sparse-IFT weights and masks "
-                     f"(load into transform(..., {family!r}, s)); {csr} sparse layers run as CSR")
+        notes.append(f"{member} cannot fold: {out_path.name} holds the Sparse-IFT weights and masks "
+                     f"(load into transform(..., {member!r}, s)); {csr} sparse layers run as CSR")
     with torch.inference_mode():
         error = _rel_error(shipped(example), trained(example))
     program_path = _save_program(shipped, trained, example, out_path.with_suffix(".pt2"), notes) if program else None
     monitor, score = _best_score(checkpoint)
     return {
-        "family": family, "sparsity": None if settings is None else settings.get("sparsity"),
+        "member": member, "sparsity": None if settings is None else settings.get("sparsity"),
         "folded": csr is None, "out": str(out_path), "program": program_path,
         "params": report.params, "active_params": int(round(report.active_params)),
         "macs": int(round(report.sparse_macs)), "dense_macs": report.dense_macs,
@@ -203,7 +203,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     files = summary["out"] + (f" + {summary['program']}" if summary["program"] else "")
     s = f" s={summary['sparsity']}" if summary["sparsity"] is not None else ""
     metric = f", {summary['monitor']} {summary['score']:.4f}" if summary["score"] is not None else ", no metric logged"
-    return (f"{summary['family'] or 'sparse'}{s} {how} -> {files}: {summary['params'] / 1e6:.2f}M params "
+    return (f"{summary['member'] or 'sparse'}{s} {how} -> {files}: {summary['params'] / 1e6:.2f}M params "
             f"({summary['active_params'] / 1e6:.2f}M non-zero), {summary['macs'] / 1e6:.1f}M MACs/sample{metric}, "
             f"max rel. error {summary['max_rel_error']:.1e}")
 

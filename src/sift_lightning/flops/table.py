@@ -11,42 +11,42 @@ from torch import nn
 from sift_lightning.flops import count_flops
 from sift_lightning.models.backbones import create_backbone
 from sift_lightning.models.gpt import GPT, gpt_config
-from sift_lightning.transforms import FAMILIES, transform
+from sift_lightning.transforms import MEMBERS, transform
 
 __all__ = ["format_table", "iso_flop_table", "main"]
 
 
 def iso_flop_table(
-    build: Any, example_input: Any, families: list[str], sparsities: list[float], **options: Any
+    build: Any, example_input: Any, members: list[str], sparsities: list[float], **options: Any
 ) -> list[dict[str, Any]]:
-    """Rows of (family, sparsity, params, dense MACs, sparse MACs, ratio to dense).
+    """Rows of (member, sparsity, params, dense MACs, sparse MACs, ratio to dense).
 
     Args:
         build: a callable returning a fresh dense model.
         example_input: input for ``count_flops``.
-        families: members to tabulate (``dense`` is always the first row).
+        members: members to tabulate (``dense`` is always the first row).
         sparsities: values of s.
         **options: passed to ``transform``.
     """
     base = count_flops(build(), example_input)
-    rows = [dict(family="dense", sparsity=0.0, params=base.params, dense_macs=base.dense_macs,
+    rows = [dict(member="dense", sparsity=0.0, params=base.params, dense_macs=base.dense_macs,
                  sparse_macs=base.sparse_macs, ratio=1.0)]
-    for family in families:
-        if family == "dense":
+    for member in members:
+        if member == "dense":
             continue
         for s in sparsities:
-            r = count_flops(transform(build(), family, s, example_input=example_input, **options), example_input)
-            rows.append(dict(family=family, sparsity=s, params=r.params, dense_macs=r.dense_macs,
+            r = count_flops(transform(build(), member, s, example_input=example_input, **options), example_input)
+            rows.append(dict(member=member, sparsity=s, params=r.params, dense_macs=r.dense_macs,
                              sparse_macs=r.sparse_macs, ratio=r.sparse_macs / base.dense_macs))
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of ``iso_flop_table`` rows."""
-    out = [f"{'family':<18} {'s':>5} {'params':>14} {'dense MACs':>16} {'sparse MACs':>16} {'sparse/dense':>12}"]
+    out = [f"{'member':<18} {'s':>5} {'params':>14} {'dense MACs':>16} {'sparse MACs':>16} {'sparse/dense':>12}"]
     for r in rows:
         out.append(
-            f"{r['family']:<18} {r['sparsity']:>5.2f} {r['params']:>14,} {r['dense_macs']:>16,} "
+            f"{r['member']:<18} {r['sparsity']:>5.2f} {r['params']:>14,} {r['dense_macs']:>16,} "
             f"{r['sparse_macs']:>16,.0f} {r['ratio']:>12.4f}"
         )
     return "\n".join(out)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None, help="default: 32 with --cifar-stem, else 224")
     p.add_argument("--seq-len", type=int, default=None, help="GPT sequence length (default: block size)")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES[1:]), choices=FAMILIES[1:])
+    p.add_argument("--members", nargs="+", default=list(MEMBERS[1:]), choices=MEMBERS[1:])
     p.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.75, 0.9])
     p.add_argument("--match-flops", action="store_true", help="tune s so sparse MACs meet the dense budget")
     a = p.parse_args(argv)
@@ -80,5 +80,5 @@ def main(argv: list[str] | None = None) -> None:
                 return create_backbone(a.model, a.num_classes, **kwargs)
 
         example = torch.zeros(1, a.in_chans, size, size, device="meta")
-    rows = iso_flop_table(build, example, a.families, a.sparsity, match_flops=a.match_flops)
+    rows = iso_flop_table(build, example, a.members, a.sparsity, match_flops=a.match_flops)
     print(format_table(rows))

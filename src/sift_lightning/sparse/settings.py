@@ -15,7 +15,7 @@ from sift_lightning.sparse.distribution import DISTRIBUTIONS
 from sift_lightning.sparse.masks import MASK_INITS
 from sift_lightning.sparse.schedules import DROP_SCHEDULES
 from sift_lightning.sparse.updaters import ALGORITHMS
-from sift_lightning.transforms import FAMILIES, check_sparsity
+from sift_lightning.transforms import MEMBERS, check_sparsity
 
 __all__ = ["PARAMETRIZATIONS", "SparsitySettings"]
 
@@ -66,11 +66,11 @@ class SparsitySettings:
         if self.transform == "dense":
             raise ValueError(
                 "transform='dense' is the baseline: train without sparsity; transform must be one of "
-                f"None (train the existing layers sparse), {', '.join(FAMILIES[1:])}"
+                f"None (train the existing layers sparse), {', '.join(MEMBERS[1:])}"
             )
         if self.transform == "none":
             self.transform = None
-        _check_choice("transform", self.transform, (None, *FAMILIES[1:]))
+        _check_choice("transform", self.transform, (None, *MEMBERS[1:]))
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("init", self.init, MASK_INITS)

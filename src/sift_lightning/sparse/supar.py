@@ -122,7 +122,7 @@ def _init_scheme(model: nn.Module, scheme: str | None) -> str:
 
 def _width_factor(model: nn.Module) -> float:
     k = _find_attr(model, "sift_width_factor")
-    if k is None and _find_attr(model, "sift_family") == "sparse_wide":
+    if k is None and _find_attr(model, "sift_member") == "sparse_wide":
         raise ValueError(
             "a sparse_wide model must carry sift_width_factor = k (transform() records it); "
             "set model.sift_width_factor = sqrt(1 / (1 - s)) for a model widened by hand"
