@@ -57,7 +57,8 @@ def test_keep_ends_dense_false_transforms_stem_and_classifier(family):
 
 def test_include_patterns():
     model = transform(tiny_resnet(), "sparse_doped", 0.5, include=["layer1.*", "layer3.1.conv?"])
-    layers = sorted(n.removesuffix(".sparse.weight") for n in sparse_targets(model))
+    # the shortcut conv stays one sparse conv (layer1.0.downsample.0.weight), the others are doped
+    layers = sorted(n.removesuffix(".weight").removesuffix(".sparse") for n in sparse_targets(model))
     assert layers == [
         "layer1.0.conv1", "layer1.0.conv2", "layer1.0.downsample.0", "layer1.1.conv1", "layer1.1.conv2",
         "layer3.1.conv1", "layer3.1.conv2",

@@ -10,9 +10,14 @@ from sift_lightning.transforms.parallel import SparseParallel
 from transform_models import RESNET18_SPARSE, tiny_resnet
 
 
-def test_timm_resnet_branches_are_conv_bn_and_original_bn_is_identity():
-    model = transform(tiny_resnet(), "sparse_parallel", 0.75)
+@pytest.mark.parametrize("transform_shortcuts", [False, True])
+def test_timm_resnet_branches_are_conv_bn_and_original_bn_is_identity(transform_shortcuts):
+    model = transform(tiny_resnet(), "sparse_parallel", 0.75, transform_shortcuts=transform_shortcuts)
     for name in RESNET18_SPARSE:
+        if "downsample" in name and not transform_shortcuts:  # one sparse conv + its BN, as the official code
+            assert type(model.get_submodule(name)) is nn.Conv2d and model.get_submodule(name).sift_sparsity
+            assert type(model.get_submodule(name[:-1] + "1")) is nn.BatchNorm2d
+            continue
         layer = model.get_submodule(name)
         assert isinstance(layer, SparseParallel), name
         assert len(layer.branches) == 4
@@ -85,14 +90,15 @@ def test_conv_not_followed_by_its_norm_gets_plain_branches():
     assert model(torch.randn(1, 3, 8, 8)).shape == (1, 2, 4, 4)
 
 
+@pytest.mark.parametrize("transform_shortcuts", [False, True])
 @pytest.mark.parametrize("s", [0.5, 0.75])
-def test_parallel_param_count(s):
-    # every candidate conv and its norm are copied n times
+def test_parallel_param_count(s, transform_shortcuts):
+    # every candidate conv and its norm are copied n times (shortcut convs only when told to)
     dense = tiny_resnet()
-    sparse = transform(tiny_resnet(), "sparse_parallel", s)
+    sparse = transform(tiny_resnet(), "sparse_parallel", s, transform_shortcuts=transform_shortcuts)
     n = round(1 / (1 - s))
     per_layer = 0
-    for name in RESNET18_SPARSE:
+    for name in (n for n in RESNET18_SPARSE if transform_shortcuts or "downsample" not in n):
         conv = dense.get_submodule(name)
         per_layer += conv.weight.numel() + 2 * conv.out_channels  # conv + BN affine
     total_dense = sum(p.numel() for p in dense.parameters())

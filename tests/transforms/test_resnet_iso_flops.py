@@ -37,8 +37,24 @@ def test_cifar_resnet18_iso_flop_and_params(family, s):
     report = count_flops(transform(cifar_resnet18("meta"), family, s), _x("meta"))
     ref = REFERENCE_ROWS[(family, s)]
     assert report.sparse_macs == pytest.approx(DENSE_MACS, rel=0.02)
-    assert report.params == pytest.approx(ref["params"], rel=0.02)
-    assert report.dense_macs == pytest.approx(ref["dense_macs"], rel=0.02)
+    # with the official shortcuts (one sparse 1x1 conv + BN) Parallel, Factorized and Doped land on the
+    # official model: measured within 0.035% of its params and 0.08% of its MACs (they were 0.4% .. 1.4%
+    # off when the shortcut was transformed too); Sparse Wide's floor(k c) widths stay within 2%
+    rel = 0.02 if family == "sparse_wide" else 0.001
+    assert report.params == pytest.approx(ref["params"], rel=rel)
+    assert report.dense_macs == pytest.approx(ref["dense_macs"], rel=rel)
+    assert report.sparse_macs == pytest.approx(ref["sparse_macs"], rel=rel)
+
+
+@pytest.mark.parametrize("s", SPARSITIES)
+@pytest.mark.parametrize("family", IN_PLACE)
+def test_cifar_resnet18_transformed_shortcuts_cost_more(family, s):
+    # transform_shortcuts=True restores the former structure: the shortcut convs grow like the others
+    x = _x("meta")
+    default = count_flops(transform(cifar_resnet18("meta"), family, s), x)
+    report = count_flops(transform(cifar_resnet18("meta"), family, s, transform_shortcuts=True), x)
+    assert report.params > default.params and report.dense_macs > default.dense_macs
+    assert report.sparse_macs == pytest.approx(DENSE_MACS, rel=0.02)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -52,14 +68,23 @@ def test_cifar_resnet18_sparse_wide_075_is_exact(device):
     assert report.sparse_macs == DENSE_MACS + 3 * 3 * 3 * 64 * 32 * 32 + 512 * 100 == ref["sparse_macs"]
 
 
+# the three 1x1 shortcut convs of a CIFAR ResNet-18: 64->128 at 16x16, 128->256 at 8x8, 256->512 at 4x4
+SHORTCUT_MACS = 3 * 64 * 128 * 16 * 16
+
+
 @pytest.mark.parametrize("s", SPARSITIES)
 def test_cifar_resnet18_sparse_parallel_is_exactly_iso_flop(s):
-    # n (1 - s) = 1 for 0.5, 0.75 and 0.9 and only stem and fc stay dense
+    # n (1 - s) = 1 for 0.5, 0.75 and 0.9: the branched convs cost exactly dense; stem and fc stay
+    # dense; the shortcut convs stay single and sparse at s, so they cost (1 - s) of their dense MACs
     report = count_flops(transform(cifar_resnet18("meta"), "sparse_parallel", s), _x("meta"))
-    assert report.sparse_macs == pytest.approx(DENSE_MACS, rel=1e-12)
-    n = round(1 / (1 - s))
     stem_fc = 3 * 3 * 3 * 64 * 32 * 32 + 512 * 100
-    assert report.dense_macs == stem_fc + n * (DENSE_MACS - stem_fc)
+    assert report.sparse_macs == pytest.approx(DENSE_MACS - s * SHORTCUT_MACS, rel=1e-12)
+    assert report.sparse_macs == pytest.approx(REFERENCE_ROWS[("sparse_parallel", s)]["sparse_macs"], abs=1)
+    n = round(1 / (1 - s))
+    assert report.dense_macs == stem_fc + SHORTCUT_MACS + n * (DENSE_MACS - stem_fc - SHORTCUT_MACS)
+    model = transform(cifar_resnet18("meta"), "sparse_parallel", s, transform_shortcuts=True)
+    shortcuts = count_flops(model, _x("meta"))
+    assert shortcuts.sparse_macs == pytest.approx(DENSE_MACS, rel=1e-12)
 
 
 def _resnet50(device: str) -> torch.nn.Module:
@@ -79,8 +104,17 @@ def test_resnet50_dense_macs():
 @pytest.mark.parametrize("s", SPARSITIES)
 @pytest.mark.parametrize("family", IN_PLACE)
 def test_resnet50_iso_flop(family, s):
-    report = count_flops(transform(_resnet50("meta"), family, s), _x("meta", 224))
+    x = _x("meta", 224)
+    report = count_flops(transform(_resnet50("meta"), family, s, transform_shortcuts=True), x)
     assert report.sparse_macs == pytest.approx(RESNET50_MACS, rel=0.02)
+    # the official shortcuts (one sparse 1x1 conv each) leave a bottleneck ResNet under budget: its four
+    # shortcut convs are 8.8% of the dense MACs, so the model lands at 1 - s * 8.8% plus each member's
+    # own rounding (measured: 0.918 .. 0.958); match_flops (below) meets the budget instead
+    default = count_flops(transform(_resnet50("meta"), family, s), x).sparse_macs / RESNET50_MACS
+    shortcut_share = sum(
+        r.dense_macs for r in count_flops(_resnet50("meta"), x).layers if "downsample" in r.name
+    ) / RESNET50_MACS
+    assert default == pytest.approx(report.sparse_macs / RESNET50_MACS - s * shortcut_share, abs=0.005)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +141,8 @@ def test_resnet50_match_flops_meets_dense_budget(family):
     # the retuned sparsity is one value, shared by every sparse layer, near the requested one
     sparsities = {m.sift_sparsity["weight"] for m in model.modules() if hasattr(m, "sift_sparsity")}
     assert len(sparsities) == 1
-    assert 0.7 < sparsities.pop() < 0.8
+    # Doped's floor(r) keeps it a little under budget, and its sparse shortcut convs more so (0.679)
+    assert 0.65 < sparsities.pop() < 0.8
 
 
 @pytest.mark.parametrize("s", SPARSITIES)

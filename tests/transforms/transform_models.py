@@ -72,13 +72,19 @@ USER_MLP_SPARSE = ["3"]  # first "1" and last "5" stay dense
 
 
 def expected_targets(
-    family: str, layers: list[str], sparsity: float, conv_bn: bool = False
+    family: str, layers: list[str], sparsity: float, conv_bn: bool = False, transform_shortcuts: bool = False
 ) -> dict[str, float]:
     """The sparse parameters each member must declare for the replaced ``layers``.
 
     ``conv_bn``: the layers are convs followed by a BatchNorm, so Parallel branches are
-    ``Sequential(conv, bn)`` and the weight lives at ``branches.i.0``.
+    ``Sequential(conv, bn)`` and the weight lives at ``branches.i.0``. Shortcut convs (``downsample``)
+    stay one sparse conv unless ``transform_shortcuts``.
     """
+    shortcuts = [] if transform_shortcuts else [n for n in layers if "downsample" in n.split(".")]
+    if shortcuts:
+        out = {f"{n}.weight": sparsity for n in shortcuts}
+        rest = [n for n in layers if n not in shortcuts]
+        return {**out, **expected_targets(family, rest, sparsity, conv_bn, transform_shortcuts=True)}
     if family == "sparse_parallel":
         inner = ".0" if conv_bn else ""
         names = [f"{n}.branches.{i}{inner}.weight" for n in layers for i in range(parallel_branches(sparsity))]

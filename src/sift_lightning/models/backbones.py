@@ -43,6 +43,9 @@ def _apply_cifar_stem(model: nn.Module, name: str) -> None:
         conv.in_channels, conv.out_channels, 3, 1, 1, bias=False,
         device=conv.weight.device, dtype=conv.weight.dtype,
     )
+    # drawn as timm's ResNet draws every conv (kaiming normal, fan_out): std sqrt(2 / (64 * 9)) = 0.059
+    # for the 64-wide stem, where PyTorch's default would give 1 / sqrt(3 * 27) = 0.111
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
 
 

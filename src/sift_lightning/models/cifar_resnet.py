@@ -39,6 +39,9 @@ class CifarResNet(nn.Module):
     """3x3 stem, three stages of ``depth`` blocks at widths ``w, 2w, 4w``, global pool, linear head."""
 
     cifar_native = True  # already has the CIFAR stem: create_backbone(cifar_stem=True) is a no-op
+    # every conv, and every conv a Sparse-IFT member builds, is drawn kaiming normal fan_out (as timm's
+    # ResNets and the official Sparse-IFT code); norms start at 1/0, the Linear head at PyTorch's default
+    sift_init = "kaiming_fan_out"
 
     def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16, **_: Any) -> None:
         super().__init__()
@@ -55,6 +58,9 @@ class CifarResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.num_features = c_in
         self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu(self.bn1(self.conv1(x))))  # (B, 4w, H/4, W/4)

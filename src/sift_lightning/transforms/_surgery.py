@@ -4,6 +4,11 @@ Candidates are ``nn.Conv2d`` with ``groups == 1`` (depthwise convs stay dense) a
 By default the network's first and last candidate (stem and classifier) stay dense. A module that
 knows better declares ``sift_dense_layers``: fnmatch patterns of its own submodule names to keep
 dense instead (the GPT keeps ``lm_head`` dense but transforms its first Linear, Q/K/V).
+
+Shortcuts: a 1x1 conv on a residual shortcut (a module path with a part named ``downsample`` --
+timm and torchvision ResNets -- or ``shortcut`` -- most CIFAR ResNets, ours included) stays one
+sparse conv under Parallel, Factorized and Doped, as in the official code, unless the member is
+told ``transform_shortcuts=True``. A model names its own shortcut modules in ``sift_shortcut_names``.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ __all__ = [
     "is_candidate",
     "keep_zero_init",
     "replace_module",
+    "reset_zero_init",
+    "split_shortcuts",
     "uses_raw_weight",
 ]
+
+SHORTCUT_NAMES = ("downsample", "shortcut")
 
 # Subclasses whose forward differs from Conv2d's but still convolves with the raw ``weight``
 # (timm's "same" padding pads the input first; timm's Linear casts it for AMP). Anything else that overrides forward may compute
@@ -126,6 +135,40 @@ def keep_zero_init(old: nn.Module, new: nn.Module) -> None:
     if isinstance(w, torch.Tensor) and not w.is_meta and not w.any():
         with torch.no_grad():
             new.weight.zero_()
+
+
+def reset_zero_init(norm: nn.Module) -> None:
+    """Set ``norm``'s weight to 1 where the model zero-initialised it (the official code zero-inits
+    the last norm of plain residual blocks only; Parallel, Factorized and Doped blocks start at 1)."""
+    w = getattr(norm, "weight", None)
+    if isinstance(w, torch.Tensor) and not w.is_meta and not w.any():
+        with torch.no_grad():
+            w.fill_(1.0)
+
+
+def _shortcut_names(model: nn.Module) -> tuple[str, ...]:
+    declared = getattr(model, "sift_shortcut_names", None)
+    return tuple(declared) if declared is not None else SHORTCUT_NAMES
+
+
+def split_shortcuts(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], transform_shortcuts: bool
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """``(layers to transform, shortcut convs to keep as one sparse conv)``.
+
+    A shortcut is a 1x1 Conv2d with a part of its dotted name in the model's ``sift_shortcut_names``
+    (default ``SHORTCUT_NAMES``: timm's and torchvision's ``downsample``, CIFAR ResNets' ``shortcut``).
+    With ``transform_shortcuts`` every layer is transformed and none is kept.
+    """
+    if transform_shortcuts:
+        return layers, []
+    names = _shortcut_names(model)
+    keep = [
+        (n, m) for n, m in layers
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and any(p in names for p in n.split("."))
+    ]
+    kept = {n for n, _ in keep}
+    return [(n, m) for n, m in layers if n not in kept], keep
 
 
 def candidate_layers(

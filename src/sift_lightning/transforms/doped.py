@@ -4,6 +4,8 @@ Size rule (iso-FLOP): ``W_sparse`` (original shape, density ``1 - s``) costs ``(
 and the dense rank-r path ``r (d_in + d_out)``; they sum to ``d_in d_out`` when
 ``r = floor(s d_in d_out / (d_in + d_out))``. Only ``W_sparse`` is sparse; U and V stay dense and
 have no nonlinearity between them, so the layer folds back to one dense layer for inference.
+U and V stay dense on purpose: the rank formula counts them dense, as the paper does (the official
+code sparsifies them, but only because its sparsity rule matches parameters by name).
 Conv form: U is a KxK conv ``c_in -> r`` with the original stride/padding, V a 1x1 conv ``r -> c_out``.
 For inference ``SparseDoped.fold`` adds ``V U`` (one KxK conv, ``W_uv[o, i] = sum_r V[o, r] U[r, i]``)
 to the masked ``W_sparse``.
@@ -19,8 +21,9 @@ from torch import nn
 from sift_lightning.sparse.masks import mark_sparse
 from sift_lightning.transforms._fold import compose, dense_like, layer_bias, masked_weight
 from sift_lightning.transforms._registry import register
-from sift_lightning.transforms._surgery import candidate_layers, check_weight_readers, replace_module
-from sift_lightning.transforms.factorized import factor_pair, layer_dims
+from sift_lightning.transforms._surgery import candidate_layers, replace_module
+from sift_lightning.transforms._init import init_rule
+from sift_lightning.transforms.factorized import factor_pair, layer_dims, settle_shortcuts_and_norms
 
 __all__ = ["SparseDoped", "doped_rank", "sparse_doped"]
 
@@ -55,19 +58,33 @@ class SparseDoped(nn.Module):
 
 
 @register("sparse_doped")
-def sparse_doped(model: nn.Module, sparsity: float, **select) -> nn.Module:
+def sparse_doped(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    transform_shortcuts: bool = False,
+    zero_init_last_norm: bool = False,
+    **select,
+) -> nn.Module:
     """Add a dense rank-r path to every candidate layer and make the layer itself sparse, in place.
 
     Args:
         model: any module of Conv2d/Linear layers.
         sparsity: s in (0, 1).
+        transform_shortcuts: dope residual shortcut convs (``_surgery.split_shortcuts``) too; by
+            default each stays one sparse conv + its norm, as in the official code.
+        zero_init_last_norm: keep a zero-initialised norm after a doped conv (timm's last norm of each
+            residual branch) at 0; by default it restarts at 1, as in the official code.
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
     layers = candidate_layers(model, **select, who="sparse_doped")
-    check_weight_readers(model, layers, "sparse_doped")
+    layers = settle_shortcuts_and_norms(
+        model, layers, sparsity, transform_shortcuts, zero_init_last_norm, "sparse_doped"
+    )
+    rule = init_rule(model)
     for name, layer in layers:
         rank = doped_rank(*layer_dims(layer), sparsity)
         # the sparse layer keeps the one bias, so V has none
-        u, v = factor_pair(layer, rank, v_bias=False) if rank > 0 else (None, None)
+        u, v = factor_pair(layer, rank, v_bias=False, rule=rule) if rank > 0 else (None, None)
         replace_module(model, name, SparseDoped(mark_sparse(layer, sparsity), u, v))
     return model

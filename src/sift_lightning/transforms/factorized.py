@@ -24,9 +24,17 @@ from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
 from sift_lightning.transforms._fold import compose, dense_like, mid_affine
+from sift_lightning.transforms._init import InitRule, init_like_, init_rule
 from sift_lightning.transforms._registry import register
 from sift_lightning.transforms._resize import resize_
-from sift_lightning.transforms._surgery import candidate_layers, check_weight_readers, replace_module
+from sift_lightning.transforms._surgery import (
+    candidate_layers,
+    check_weight_readers,
+    following_norm,
+    replace_module,
+    reset_zero_init,
+    split_shortcuts,
+)
 
 __all__ = ["SparseFactorized", "factorized_hidden", "sparse_factorized", "layer_dims"]
 
@@ -85,10 +93,13 @@ class SparseFactorized(nn.Module):
         return dense_like(self.u, weight, bias)
 
 
-def factor_pair(layer: nn.Module, hidden: int, v_bias: bool | None = None) -> tuple[nn.Module, nn.Module]:
-    """U (the original's kernel/stride/padding, no bias) and V (1x1 or Linear).
+def factor_pair(
+    layer: nn.Module, hidden: int, v_bias: bool | None = None, rule: InitRule = "torch_default"
+) -> tuple[nn.Module, nn.Module]:
+    """U (the original's kernel/stride/padding, no bias) and V (1x1 or Linear), drawn by ``rule``.
 
-    V has a bias when ``v_bias`` says so; by default when the original layer has one.
+    V has a bias when ``v_bias`` says so; by default when the original layer has one. ``rule`` is the
+    model's init rule (``_init.init_rule``), so U and V start as the model's own layers would.
     """
     w = layer.weight
     factory = {"device": w.device, "dtype": w.dtype}
@@ -97,8 +108,33 @@ def factor_pair(layer: nn.Module, hidden: int, v_bias: bool | None = None) -> tu
     u.bias = None
     resize_(u, c_out=hidden)
     if isinstance(layer, nn.Conv2d):
-        return u, nn.Conv2d(hidden, layer.out_channels, 1, bias=bias, **factory)
-    return u, nn.Linear(hidden, layer.out_features, bias=bias, **factory)
+        v = nn.Conv2d(hidden, layer.out_channels, 1, bias=bias, **factory)
+    else:
+        v = nn.Linear(hidden, layer.out_features, bias=bias, **factory)
+    return init_like_(u, layer, rule), init_like_(v, layer, rule)
+
+
+def settle_shortcuts_and_norms(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    sparsity: float,
+    transform_shortcuts: bool,
+    zero_init_last_norm: bool,
+    who: str,
+) -> list[tuple[str, nn.Module]]:
+    """Before Factorized/Doped replace ``layers``: refuse what cannot be replaced, keep shortcut convs
+    as one sparse conv and restart zero-initialised norms after the layers at 1 (unless told
+    otherwise); return the layers to transform."""
+    layers, shortcuts = split_shortcuts(model, layers, transform_shortcuts)
+    check_weight_readers(model, layers, who)  # before anything changes
+    for _, layer in shortcuts:
+        mark_sparse(layer, sparsity)
+    if not zero_init_last_norm:
+        for name, layer in layers:
+            norm = following_norm(model, name) if isinstance(layer, nn.Conv2d) else None
+            if norm is not None:
+                reset_zero_init(norm[2])
+    return layers
 
 
 @register("sparse_factorized")
@@ -110,6 +146,8 @@ def sparse_factorized(
     conv_act: str = "relu",
     linear_norm: str = "layernorm",
     linear_act: str = "gelu",
+    transform_shortcuts: bool = False,
+    zero_init_last_norm: bool = False,
     **select,
 ) -> nn.Module:
     """Replace every candidate layer by a sparse ``U``, norm + act, sparse ``V``, in place.
@@ -120,6 +158,10 @@ def sparse_factorized(
         conv_norm, conv_act: what sits between conv factors (``batchnorm``/``none``, ``relu``/
             ``gelu``/``none``).
         linear_norm, linear_act: the same for Linear layers (``layernorm``/``none``).
+        transform_shortcuts: factorize residual shortcut convs (``_surgery.split_shortcuts``) too; by
+            default each stays one sparse conv + its norm, as in the official code.
+        zero_init_last_norm: keep a zero-initialised norm after a factorized conv (timm's last norm
+            of each residual branch) at 0; by default it restarts at 1, as in the official code.
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
     for value, valid, arg in (
@@ -129,11 +171,14 @@ def sparse_factorized(
         if value not in valid:
             raise ValueError(f"{arg} must be one of {valid}, got {value!r}")
     layers = candidate_layers(model, **select, who="sparse_factorized")
-    check_weight_readers(model, layers, "sparse_factorized")
+    layers = settle_shortcuts_and_norms(
+        model, layers, sparsity, transform_shortcuts, zero_init_last_norm, "sparse_factorized"
+    )
+    rule = init_rule(model)
     for name, layer in layers:
         conv = isinstance(layer, nn.Conv2d)
         hidden = factorized_hidden(*layer_dims(layer), sparsity)
-        u, v = factor_pair(layer, hidden)
+        u, v = factor_pair(layer, hidden, rule=rule)
         factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         norm = _norm(conv_norm if conv else linear_norm, hidden, factory)
         mid = nn.Sequential(norm, _act(conv_act if conv else linear_act))

@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from sift_lightning.sparse.masks import mark_sparse
 from sift_lightning.transforms._fold import bn_affine, dense_like, layer_bias, masked_weight, per_channel
+from sift_lightning.transforms._init import InitRule, init_like_, init_rule
 from sift_lightning.transforms._registry import register
 from sift_lightning.transforms._surgery import (
     candidate_layers,
@@ -40,6 +41,7 @@ from sift_lightning.transforms._surgery import (
     following_norm,
     keep_zero_init,
     replace_module,
+    split_shortcuts,
 )
 
 __all__ = ["NormActTail", "SparseParallel", "norm_path", "parallel_branches", "sparse_parallel"]
@@ -126,27 +128,26 @@ class SparseParallel(nn.Module):
 
 
 @torch.no_grad()
-def _fresh_copy(layer: nn.Module) -> nn.Module:
-    """A copy with its own fresh draw of the original's initialisation (same device and dtype).
+def _fresh_copy(layer: nn.Module, rule: InitRule = "keep_std", zero_init: bool = False) -> nn.Module:
+    """A copy with its own fresh draw of the model's initialisation (same device and dtype).
 
-    Weights are redrawn from a normal with the original weight's std, so a model with its own
-    init (the GPT's normal(0, 0.02), scaled residual projections) keeps its scale in every branch;
-    norms restart at weight 1 / bias 0, or 0 where the original was zero-initialised, and lose
-    the drop and activation of a norm-act layer (those act after the sum).
+    Layers are drawn by the model's rule (``_init.init_rule``: kaiming normal fan_out for timm
+    ResNets, the original weight's std for our GPT's normal(0, 0.02) and its scaled residual
+    projections). Norms restart at weight 1 / bias 0 -- or 0 where the original was zero-initialised,
+    when ``zero_init`` -- and lose the drop and activation of a norm-act layer (those act after the sum).
     """
     new = copy.deepcopy(layer)
     if isinstance(new, (_BatchNorm, nn.GroupNorm)):
         new.reset_parameters()
-        keep_zero_init(layer, new)
+        if zero_init:
+            keep_zero_init(layer, new)
         for child in ("drop", "act"):
             if isinstance(getattr(new, child, None), nn.Module):
                 setattr(new, child, nn.Identity())
     elif new.weight.is_meta:
         new.reset_parameters()
     else:
-        new.weight.normal_(0.0, float(layer.weight.float().std()))
-        if new.bias is not None:
-            new.bias.zero_()
+        init_like_(new, layer, rule)
     return new
 
 
@@ -165,6 +166,8 @@ def sparse_parallel(
     sparsity: float,
     *,
     branch_norm: bool = True,
+    transform_shortcuts: bool = False,
+    zero_init_last_norm: bool = False,
     **select,
 ) -> nn.Module:
     """Replace every candidate layer by ``parallel_branches(s)`` sparse branches, in place.
@@ -173,11 +176,19 @@ def sparse_parallel(
         model: any module of Conv2d/Linear layers.
         sparsity: s in (0, 1).
         branch_norm: give each conv branch its own copy of the norm that follows the conv.
+        transform_shortcuts: split residual shortcut convs (``_surgery.split_shortcuts``) into
+            branches too; by default each stays one sparse conv + its norm, as in the official code.
+        zero_init_last_norm: branch norms copy a zero-initialised norm's zeros (timm's last norm of
+            each residual branch); by default they start at 1, as in the official code.
         **select: ``include``/``exclude``/``keep_ends_dense`` (see ``candidate_layers``).
     """
     n = parallel_branches(sparsity)
     layers = candidate_layers(model, **select, who="sparse_parallel")
+    layers, shortcuts = split_shortcuts(model, layers, transform_shortcuts)
     check_weight_readers(model, layers, "sparse_parallel")
+    rule = init_rule(model)
+    for _, layer in shortcuts:
+        mark_sparse(layer, sparsity)
     unnormed = []
     for name, layer in layers:
         norm = following_norm(model, name) if branch_norm and isinstance(layer, nn.Conv2d) else None
@@ -185,8 +196,8 @@ def sparse_parallel(
             unnormed.append(name)
         branches: list[nn.Module] = []
         for _ in range(n):
-            conv = mark_sparse(_fresh_copy(layer), sparsity)
-            branches.append(nn.Sequential(conv, _fresh_copy(norm[2])) if norm else conv)
+            conv = mark_sparse(_fresh_copy(layer, rule), sparsity)
+            branches.append(nn.Sequential(conv, _fresh_copy(norm[2], zero_init=zero_init_last_norm)) if norm else conv)
         replace_module(model, name, SparseParallel(branches, norm[1] if norm else None))
         if norm:
             replace_module(model, norm[0], _tail(norm[2]))

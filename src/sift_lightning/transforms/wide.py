@@ -8,7 +8,8 @@ grouped convs stay dense and grow with the width, so the whole model lands above
 ``transform`` retunes the sparsity to meet it whenever it has an example input (``match_flops``).
 
 Widening rebuilds the network: every hidden width ``c`` -> ``floor(k c)`` (as the official code),
-with fresh weights. Each layer is a resized copy of itself (``_resize.resize_``), so its class and
+with fresh weights drawn by the model's own rule (``_init.init_rule``: kaiming normal fan_out for
+timm ResNets, as a fresh timm model of that width; norms at 1/0, timm's zero-init kept). Each layer is a resized copy of itself (``_resize.resize_``), so its class and
 every setting besides its widths stay: a norm-act layer's activation, "same" padding, drop path,
 the groups rule of depthwise convs. What cannot be resized (attention with fixed head counts,
 embeddings, weight-standardised convs, learned per-channel scales held outside a norm) is refused
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
+from sift_lightning.transforms._init import init_like_, init_rule, weight_std
 from sift_lightning.transforms._probe import ProbeFailure, meta_copy, meta_input, trace
 from sift_lightning.transforms._registry import register
 from sift_lightning.transforms._resize import RESIZABLE, resize_
@@ -103,6 +105,7 @@ def _widen_(model: nn.Module, factor: float, first: set[str], last: set[str]) ->
     the layers in ``first`` keep their inputs, those in ``last`` their outputs, everything between grows.
     """
     w = _width(factor)
+    rule = init_rule(model)
     for name, m in list(model.named_modules()):
         if not isinstance(m, RESIZABLE):
             if any(p is not None for p in m._parameters.values()):
@@ -117,6 +120,7 @@ def _widen_(model: nn.Module, factor: float, first: set[str], last: set[str]) ->
                 d_in, d_out = (m.in_channels, m.out_channels) if conv else (m.in_features, m.out_features)
                 c_in = d_in if name in first else w(d_in)
                 c_out = d_out if name in last else w(d_out)
+                std = weight_std(m)
                 if conv:
                     # depthwise (and channel-multiplier) convs keep one group per input channel;
                     # grouped convs keep their group count
@@ -124,6 +128,7 @@ def _widen_(model: nn.Module, factor: float, first: set[str], last: set[str]) ->
                     resize_(m, c_in, c_out, groups)
                 else:
                     resize_(m, c_in, c_out)
+                init_like_(m, m, rule, std=std)  # as the model draws its own layers
             else:  # a norm: one width
                 width = m.num_channels if isinstance(m, nn.GroupNorm) else (
                     m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features)
