@@ -331,19 +331,7 @@ def test_hand_marked_layers_keep_their_sparsity():
 
 
 def test_hand_marked_module_trains_under_the_callback():
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _mlp()
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    module = Module()
+    module = _LightningMLP()
     mark_sparse(module.net[2], 0.5)
     cb = SparsityCallback(0.5, algorithm="set", update_frequency=2, end=1.0)
     x, y = zip(*_batches(4))
