@@ -5,8 +5,8 @@ By default the network's first and last candidate (stem and classifier) stay den
 knows better declares ``sift_dense_layers``: fnmatch patterns of its own submodule names to keep
 dense instead (the GPT keeps ``lm_head`` dense but transforms its first Linear, Q/K/V).
 
-Shortcuts: a 1x1 conv on a residual shortcut (a module path with a part named ``downsample`` --
-timm and torchvision ResNets -- or ``shortcut`` -- most CIFAR ResNets, ours included) stays one
+Shortcuts: a 1x1 conv on a residual shortcut (named, or held directly by a module named,
+``downsample`` -- timm and torchvision ResNets -- or ``shortcut`` -- CIFAR ResNets, ours) stays one
 sparse conv under Parallel, Factorized and Doped, as in the official code, unless the member is
 told ``transform_shortcuts=True``. A model names its own shortcut modules in ``sift_shortcut_names``.
 """
@@ -156,8 +156,10 @@ def split_shortcuts(
 ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     """``(layers to transform, shortcut convs to keep as one sparse conv)``.
 
-    A shortcut is a 1x1 Conv2d with a part of its dotted name in the model's ``sift_shortcut_names``
-    (default ``SHORTCUT_NAMES``: timm's and torchvision's ``downsample``, CIFAR ResNets' ``shortcut``).
+    A shortcut is a 1x1 Conv2d named, or held directly by a module named, one of the model's
+    ``sift_shortcut_names`` (default ``SHORTCUT_NAMES``: timm's and torchvision's ``downsample``
+    -- ``layer2.0.downsample.0``, RegNet's ``downsample.conv`` --, CIFAR ResNets' ``shortcut``); convs
+    deeper inside such a module (FastViT's patch-embedding ``downsample.proj.0...``) are not shortcuts.
     With ``transform_shortcuts`` every layer is transformed and none is kept.
     """
     if transform_shortcuts:
@@ -165,7 +167,7 @@ def split_shortcuts(
     names = _shortcut_names(model)
     keep = [
         (n, m) for n, m in layers
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and any(p in names for p in n.split("."))
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and any(p in names for p in n.split(".")[-2:])
     ]
     kept = {n for n, _ in keep}
     return [(n, m) for n, m in layers if n not in kept], keep

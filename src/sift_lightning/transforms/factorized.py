@@ -9,6 +9,10 @@ BatchNorm + ReLU (the official CIFAR config), then V, a 1x1 conv ``d_h -> c_out`
 original bias. Linear form (our choice, visible in configs): LayerNorm + GELU between U and V by
 default; ``linear_norm="none"``/``linear_act="none"`` turn them off.
 
+As in the official code, a residual shortcut's 1x1 conv stays one sparse conv (``transform_shortcuts``)
+and a norm the model zero-initialised after a factorized conv restarts at 1 (``zero_init_last_norm``);
+U and V are drawn by the model's own init rule (``_init.init_rule``).
+
 U keeps the original layer's class and settings (timm's "same" padding too): it is a resized copy.
 ``SparseFactorized.fold`` refuses when a nonlinearity sits between U and V (``U V`` is then no
 single linear map); with only Identity/BatchNorm between them it folds like Sparse Doped's path.

@@ -17,6 +17,11 @@ times its memory. RigL makes it worse: every branch sees the same gradient, so t
 positions (in the LM study the two s=0.5 branches summed to density 0.57, not 1 - s^2 = 0.75). The
 transform warns when it builds such branches; sparse_wide and sparse_factorized suit Linear layers.
 
+Faithful to the official ResNet-18 by default: a residual shortcut's 1x1 conv stays one sparse conv
+with its norm (``transform_shortcuts=True`` branches it too), branch norms start at 1 even where the
+model zero-initialised the norm (``zero_init_last_norm=True`` copies the zeros), and branch layers are
+drawn by the model's own init rule (``_init.init_rule``).
+
 For inference the member folds back (``SparseParallel.fold``): a BatchNorm in eval mode is a
 per-channel affine map, so each branch is one conv with kernel ``a_i W_i`` and bias
 ``a_i (b_i - mu_i) + beta_i``, and the branches sum into one conv of the original shape.
