@@ -103,6 +103,11 @@ STUDIES = {
         "extra": {
             **{f"sparse_parallel_{s}": _sparse("sparse_parallel", s) for s in (0.5, 0.75)},
             "dense_d92": ["--sift.transform", "dense", "--model.model", _GPT_WIDE],
+            # the LR control for SµPar, which raises the sparse layers' AdamW LR (x1.87 at s=0.5, x4
+            # at s=0.75): does dense gain as much from a larger LR alone? (2x the recipe's 3e-3)
+            "dense_lr6e-3": ["--sift.transform", "dense", "--model.optim.lr", "6.0e-3"],
+            # ... and SµPar at that LR: SµPar's claim is that the dense model's best LR is the sparse one's
+            "sparse_wide_0.5_supar_lr6e-3": _sparse("sparse_wide", 0.5, *SUPAR, "--model.optim.lr", "6.0e-3"),
             **{f"sparse_wide_{s}_init_scale": _sparse("sparse_wide", s, *INIT_SCALE) for s in (0.5, 0.75)},
             "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
             # the paper's accounting: s only in the sparsified layers (the wider dense head/attention
