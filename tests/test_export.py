@@ -25,7 +25,7 @@ from sift_lightning.export import (
     sparse_export,
 )
 from sift_lightning.models.gpt import GPT, gpt_config
-from sift_lightning.sparse.masks import MASK_SUFFIX, SparseOwner, init_masks, mark_sparse
+from sift_lightning.sparse.masks import MASK_SUFFIX, SparseOwner, get_mask, init_masks, mark_sparse
 from sift_lightning.transforms.doped import SparseDoped
 from sift_lightning.transforms.parallel import NormActTail, SparseParallel
 
@@ -159,6 +159,23 @@ def _tiny_resnet() -> nn.Module:
     return create_backbone("resnet18", 10, cifar_stem=True, channels=(8, 16, 32, 64))
 
 
+@pytest.mark.parametrize("transform_shortcuts", [False, True])
+@pytest.mark.parametrize("family", ["sparse_parallel", "sparse_doped"])
+def test_round_trip_with_single_or_transformed_shortcuts(family, transform_shortcuts):
+    model = _sparse_ift(_tiny_resnet(), family, 0.75, transform_shortcuts=transform_shortcuts)
+    shortcut = model.layer2[0].downsample[0]
+    assert (type(shortcut) is nn.Conv2d) is not transform_shortcuts
+    expected = shortcut.weight.detach() * get_mask(shortcut, "weight") if not transform_shortcuts else None
+    plain = _tiny_resnet()
+    plain.load_state_dict(dense_state_dict(fold(model)), strict=True)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert _rel(plain.eval()(x), model(x)) <= 1e-5
+    if expected is not None:  # a single sparse conv folds to itself: its masked weight, its own BN
+        assert torch.equal(plain.layer2[0].downsample[0].weight, expected)
+        assert torch.equal(plain.layer2[0].downsample[1].weight, model.layer2[0].downsample[1].weight)
+
+
 @pytest.mark.parametrize("family", ["sparse_parallel", "sparse_doped"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_timm_round_trip_loads_strictly_into_the_plain_backbone(family, dtype, tol):
@@ -174,7 +191,8 @@ def test_timm_round_trip_loads_strictly_into_the_plain_backbone(family, dtype, t
         eps = plain.layer1[0].bn1.eps
         torch.testing.assert_close(plain.layer1[0].bn1.running_var, torch.full((8,), 1 - eps, dtype=dtype))
         assert torch.all(plain.layer1[0].bn1.weight == 1) and torch.all(plain.layer1[0].bn1.running_mean == 0)
-        assert plain.layer2[0].downsample[1].bias.abs().sum() > 0
+        assert plain.layer2[0].conv1.weight.abs().sum() > 0
+        assert plain.layer2[0].bn1.bias.abs().sum() > 0  # the folded branches' shift
     assert dense_state_dict(model).keys() == state.keys()  # unfolded input: folded on a copy first
 
 
