@@ -87,7 +87,9 @@ def transform(
             otherwise. With it off, Sparse Wide warns when it measures more than 2% over budget (on
             ``example_input``'s shape, else timm's configured input size), saying how far and the fix.
         example_input: one input batch, for ``match_flops`` (and Sparse Wide's shape check).
-        **options: member options (e.g. ``branch_norm`` for Parallel, ``linear_act`` for Factorized).
+        **options: member options (e.g. ``branch_norm`` for Parallel, ``linear_act`` for Factorized;
+            ``transform_shortcuts`` and ``zero_init_last_norm`` for Parallel, Factorized and Doped,
+            whose defaults follow the official code: README, "Fidelity").
 
     Raises:
         ValueError: unknown member or option, sparsity outside (0, 1), or a model the member

@@ -6,7 +6,8 @@ drawn the way the model draws its own layers. The scheme is, in this order:
 
 1. what the model declares in ``sift_init`` (on the model or any submodule, the first found): one
    of ``INIT_RULES`` or a callable ``fn(new_layer, old_layer)`` that initialises ``new_layer`` in
-   place (``old_layer`` is the dense layer it replaces or resizes);
+   place (``old_layer`` is the dense layer it replaces; under Sparse Wide, which resizes each layer
+   in place, both arguments are the resized layer);
 2. ``"keep_std"`` for a model that declares ``sift_init_scheme = "fixed"`` (our GPT: normal(0, 0.02),
    residual projections 0.02 / sqrt(2 L); SµPar reads the same attribute);
 3. ``"kaiming_fan_out"`` for timm ResNets (timm's ``ResNet.init_weights``);
