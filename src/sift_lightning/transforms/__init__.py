@@ -81,10 +81,11 @@ def transform(
         keep_ends_dense: keep the first and last layer (or the model's ``sift_dense_layers``) dense.
         match_flops: after building the structure for ``s``, retune the sparsity of every sparse
             layer so the model's sparse MACs equal the dense model's on ``example_input`` (the
-            official code's ``flop_budget`` search, solved in closed form). Default (``None``): on
-            for ``sparse_wide`` when ``example_input`` is given -- its dense stem, classifier and
-            depthwise convs grow with the width, +3% to +12% MACs on timm CNNs at 224 px -- off
-            otherwise. With it off, Sparse Wide warns when it measures more than 2% over budget (on
+            official code's ``flop_budget`` search, solved in closed form). Default (``None``): with
+            ``example_input``, on for ``sparse_wide`` -- its dense stem, classifier and depthwise
+            convs grow with the width, +3% to +12% MACs on timm CNNs at 224 px -- and for the other
+            members only when the whole model misses dense MACs by more than 2% (the single sparse
+            shortcuts of a ResNet-50 at 224 px leave it 4-8% short); without it, off. With it off, Sparse Wide warns when it measures more than 2% over budget (on
             ``example_input``'s shape, else timm's configured input size), saying how far and the fix.
         example_input: one input batch, for ``match_flops`` (and Sparse Wide's shape check).
         **options: member options (e.g. ``branch_norm`` for Parallel, ``linear_act`` for Factorized;
@@ -100,17 +101,23 @@ def transform(
         return model
     sparsity = check_sparsity(sparsity)
     _check_options(member, options)
+    auto = match_flops is None and example_input is not None  # the default, with something to measure on
     if match_flops is None:
         match_flops = member == "sparse_wide" and example_input is not None
     if match_flops and example_input is None:
         raise ValueError("match_flops=True needs example_input (e.g. torch.zeros(1, 3, 32, 32))")
-    budget = count_dense(model, example_input) if match_flops else None
+    budget = count_dense(model, example_input) if match_flops or auto else None
     if "example_input" in inspect.signature(fn).parameters:
         options["example_input"] = example_input
     out = fn(model, sparsity, include=include, exclude=exclude, keep_ends_dense=keep_ends_dense, **options)
     out.sift_member = member  # fold() must tell Sparse Wide apart from plain sparse layers
-    out.sift_family = member  # the former name, read by code outside transforms/ until it switches over
-    if budget is not None:
+    if budget is not None and not match_flops:
+        # the default for in-place members: keep s unless the whole model misses the iso-FLOP bar
+        # (the kept dense/single-sparse parts, e.g. ResNet-50's shortcuts at 224 px, can leave it 4-8% short)
+        from sift_lightning.flops import count_flops
+
+        match_flops = abs(count_flops(out, example_input).sparse_macs / budget - 1.0) > _ISO_TOLERANCE
+    if budget is not None and match_flops:
         match_flop_budget(out, example_input, budget)
     elif member == "sparse_wide" and out is not model:
         _warn_over_budget(model, out, example_input)
