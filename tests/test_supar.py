@@ -51,7 +51,10 @@ def test_sparse_wide_multipliers_are_k(s):
     k = math.sqrt(1 / (1 - s))  # s=0.75: k=2, init std x2, Adam lr x2; s=0.9: k=sqrt(10)
     wide = _member(_mlp(), "sparse_wide", s)
     assert wide.sift_width_factor == pytest.approx(k)
-    assert _values(supar_multipliers(wide)) == {(round(k, 9), round(k, 9))}  # targets, before masks
+    # layers a member builds in a user's module keep the replaced layer's std (README, Fidelity): std
+    # x sqrt(k) reaches SµPar's 1/sqrt(k rho) d_in; a width-scaled init (fan_in) needs x k
+    assert _values(supar_multipliers(wide)) == {(round(math.sqrt(k), 9), round(k, 9))}  # targets, before masks
+    assert _values(supar_multipliers(wide, init_scheme="fan_in")) == {(round(k, 9), round(k, 9))}
     gpt = _member(GPT(gpt_config("gpt_tiny")), "sparse_wide", s)  # std 0.02 whatever the width: x sqrt(k)
     assert _values(supar_multipliers(gpt)) == {(round(math.sqrt(k), 9), round(k, 9))}
     assert _values(supar_multipliers(wide, init_scheme="fixed")) == {(round(math.sqrt(k), 9), round(k, 9))}
@@ -62,7 +65,10 @@ def test_multipliers_use_the_real_density_of_the_mask():
     init_masks(wide, generator=torch.Generator().manual_seed(0))
     rho = 4080 / 40804
     k = math.sqrt(10)
-    assert supar_multipliers(wide)["2.weight"] == SuparScale(pytest.approx(1 / math.sqrt(rho)), pytest.approx(1 / (k * rho)))
+    assert supar_multipliers(wide, init_scheme="fan_in")["2.weight"] == SuparScale(
+        pytest.approx(1 / math.sqrt(rho)), pytest.approx(1 / (k * rho)))
+    assert supar_multipliers(wide)["2.weight"] == SuparScale(  # the keep-std default: relative to the base std
+        pytest.approx(1 / math.sqrt(k * rho)), pytest.approx(1 / (k * rho)))
     plain = mark_sparse(nn.Linear(10, 10), 0.5)
     set_mask(plain, "weight", torch.arange(100).view(10, 10) < 20)  # density 0.2, not the target 0.5
     assert supar_multipliers(plain) == {"weight": SuparScale(pytest.approx(math.sqrt(5)), pytest.approx(5.0))}
@@ -79,9 +85,11 @@ def test_sparse_parallel_multipliers_with_and_without_branch_norms():
 
 def test_sparse_factorized_multipliers():
     model = _member(_mlp(), "sparse_factorized", 0.75)  # 64 -> d_h = 128 -> 64
-    scales = supar_multipliers(model)
+    scales = supar_multipliers(model, init_scheme="fan_in")
     assert scales["2.u.weight"] == SuparScale(2.0, 4.0)  # F = F_base = 64 at density 1/4
     assert scales["2.v.weight"] == SuparScale(2.0, 2.0)  # lr: 64 / (0.25 * 128)
+    kept = supar_multipliers(model)  # V starts at the replaced layer's std: sqrt(64 / (0.25 * 128))
+    assert kept["2.u.weight"] == SuparScale(2.0, 4.0) and kept["2.v.weight"] == SuparScale(pytest.approx(math.sqrt(2)), 2.0)
     gpt = _member(GPT(gpt_config("gpt_tiny")), "sparse_factorized", 0.75)  # qkv: 64 -> 192 -> 192
     v = supar_multipliers(gpt)["blocks.0.attn.qkv.v.weight"]
     assert (v.init_std, v.lr) == (pytest.approx(math.sqrt(4 / 3)), pytest.approx(4 / 3))  # 64 / (0.25 * 192)
@@ -208,4 +216,7 @@ def test_coord_check_smoke_supar_flattens_sparse_wide():
     for r in rows:
         assert math.isfinite(r["init"]) and math.isfinite(r["update"])
         if r["parametrization"] == "supar":
-            assert abs(math.log(r["init"])) < 0.25 and abs(math.log(r["update"])) < 0.3
+            # init: within e^0.3 (was 0.25 while Wide's layers started at PyTorch's width-scaled default; with the
+            # replaced layer's std they sit at 0.87-0.91 on layer 2 and 0.74-0.76 on layer 4, the biases (unscaled
+            # by SµPar) carrying a larger share of the output: measured, see the issue note)
+            assert abs(math.log(r["init"])) < 0.3 and abs(math.log(r["update"])) < 0.3

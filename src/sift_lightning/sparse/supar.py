@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import active_count, get_mask, sparse_parameters
+from sift_lightning.transforms import init_rule
 
 __all__ = ["INIT_SCHEMES", "SuparScale", "supar_init_", "supar_multipliers", "supar_param_groups", "uses_supar"]
 
@@ -114,7 +115,9 @@ def uses_supar(model: nn.Module) -> bool:
 
 
 def _init_scheme(model: nn.Module, scheme: str | None) -> str:
-    scheme = scheme or _find_attr(model, "sift_init_scheme") or "fan_in"
+    # layers a member builds under the "keep_std" rule start at the replaced layer's std, which does
+    # not scale with the width: relative to the base model that is the "fixed" scheme
+    scheme = scheme or _find_attr(model, "sift_init_scheme") or ("fixed" if init_rule(model) == "keep_std" else "fan_in")
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init_scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
     return scheme
