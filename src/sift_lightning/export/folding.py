@@ -101,7 +101,7 @@ def fold(model: nn.Module, *, member: str | None = None, inplace: bool = False) 
     for _, owner in list(sparse_modules(out)):
         _drop_masks(owner)
     for m in out.modules():
-        for attr in ("sift_member", "sift_family"):
+        for attr in ("sift_member",):
             m.__dict__.pop(attr, None)
         m.__dict__.pop("sift_width_factor", None)
     return out
