@@ -62,13 +62,14 @@ STUDIES = {
         "runs": {
             "dense": ["--sift.transform", "dense"],
             **{f"{fam}_0.5": _sparse(fam, 0.5) for fam in FAMILIES},
-            **{f"{fam}_0.75": _sparse(fam, 0.75) for fam in ("sparse_wide", "sparse_parallel")},
+            # SµPar under SGD: init std and SGD LR of each sparse layer scaled by its fan-in change
+            **{f"{fam}_0.5_supar": _sparse(fam, 0.5, *SUPAR) for fam in FAMILIES},
+        },
+        "extra": {
+            **{f"{fam}_0.75": _sparse(fam, 0.75) for fam in FAMILIES},
             "sparse_wide_0.9": _sparse("sparse_wide", 0.9),
             "sparse_wide_0.5_static": _static("sparse_wide", 0.5),
             "dense_width11": ["--sift.transform", "dense", "--model.backbone_kwargs.width", "11"],
-        },
-        "extra": {
-            **{f"{fam}_0.75": _sparse(fam, 0.75) for fam in ("sparse_factorized", "sparse_doped")},
             # the schedule question: the same runs at 3x the epochs
             **{f"long_{name}": [*args, *VISION_LONG] for name, args in (
                 ("dense", ["--sift.transform", "dense"]),
@@ -86,6 +87,10 @@ STUDIES = {
                 ("sparse_wide_0.9", _sparse("sparse_wide", 0.9)),
                 ("sparse_wide_0.75_static", _static("sparse_wide", 0.75)),
                 ("sparse_parallel_0.5", _sparse("sparse_parallel", 0.5)),
+                ("sparse_factorized_0.5", _sparse("sparse_factorized", 0.5)),
+                ("sparse_doped_0.5", _sparse("sparse_doped", 0.5)),
+                *((f"sparse_{m}_{s}_supar", _sparse(f"sparse_{m}", s, *SUPAR))
+                  for m, s in (("wide", 0.5), ("wide", 0.75), ("parallel", 0.5))),
             )},
         },
     },
