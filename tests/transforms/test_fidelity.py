@@ -1,6 +1,7 @@
 """Fidelity to the official Sparse-IFT code: init of built layers, shortcuts, zero-init of last norms."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,44 @@ def test_user_module_keeps_the_std_of_the_replaced_layer_or_its_declared_rule():
     model.sift_init = "xavier"
     with pytest.raises(ValueError, match="sift_init must be one of kaiming_fan_out, keep_std, torch_default"):
         transform(model, "sparse_parallel", 0.5)
+
+
+def _user_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+@pytest.mark.parametrize("family", ["sparse_wide", "sparse_parallel", "sparse_factorized"])
+def test_built_biases_start_at_the_replaced_biases_std(family):
+    """keep_std draws biases like weights: a user's PyTorch-default biases keep their scale (not 0)."""
+    original = float(_user_mlp()[2].bias.std())
+    assert original == pytest.approx(1 / math.sqrt(3 * 512), rel=0.1)  # PyTorch's U(+-1/sqrt(fan_in))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Parallel's note on Linear layers without norms
+        out = transform(_user_mlp(), family, 0.75)
+    layer = out[2]
+    if family == "sparse_wide":
+        biases = [layer.bias]
+        expected = original
+    elif family == "sparse_parallel":  # four bare branches add their biases: each 1/sqrt(4) of it
+        biases = [b.bias for b in layer.branches]
+        expected = original / 2
+    else:  # U has no bias; V's bias replaces the original's
+        assert layer.u.bias is None
+        biases = [layer.v.bias]
+        expected = original
+    spread = torch.cat([b.detach() for b in biases])
+    assert float(spread.std()) == pytest.approx(expected, rel=0.15)
+    if family == "sparse_parallel":
+        assert float(sum(b.detach() for b in biases).std()) == pytest.approx(original, rel=0.15)
+
+
+@pytest.mark.parametrize("family", ["sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped"])
+def test_gpt_built_biases_stay_zero(family):
+    torch.manual_seed(0)
+    model = transform(GPT(gpt_config("gpt_tiny")), family, 0.75)
+    biases = [m.bias for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks")]
+    assert biases and all(b is None or not b.any() for b in biases)
 
 
 def _count(model, kind):

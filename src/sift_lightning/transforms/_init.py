@@ -16,8 +16,10 @@ drawn the way the model draws its own layers. The scheme is, in this order:
 Rules:
 - ``kaiming_fan_out``: convs ``normal(0, sqrt(2 / (c_out K K / groups)))`` (timm ResNets, the official
   Sparse-IFT ResNets); Linear layers keep PyTorch's default, as timm's ResNet leaves its ``fc``.
-- ``keep_std``: ``normal(0, std of the dense layer replaced)``, biases 0 -- a fixed-std scheme
-  (GPT-2 style) keeps each layer's scale, residual projections included.
+- ``keep_std``: ``normal(0, std of the dense layer replaced)`` -- a fixed-std scheme (GPT-2 style)
+  keeps each layer's scale, residual projections included. Biases likewise: ``normal(0, std of the
+  replaced bias)``, so zero where it was zero (our GPT) and the scale of PyTorch's default draw for a
+  user's ``nn.Linear`` (a dense model and its Sparse-IFT model start alike, biases included).
 - ``torch_default``: PyTorch's ``reset_parameters`` on the new shape.
 """
 
@@ -29,7 +31,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-__all__ = ["INIT_RULES", "InitRule", "init_like_", "init_rule", "kaiming_fan_out_std", "weight_std"]
+__all__ = ["INIT_RULES", "InitRule", "bias_std", "init_like_", "init_rule", "kaiming_fan_out_std", "weight_std"]
 
 INIT_RULES = ("kaiming_fan_out", "keep_std", "torch_default")
 InitRule = Union[str, Callable[[nn.Module, nn.Module], None]]
@@ -86,8 +88,18 @@ def weight_std(layer: nn.Module) -> float | None:
     return float(w.detach().float().std())
 
 
+def bias_std(layer: nn.Module) -> float:
+    """The std of ``layer``'s bias: 0 without one, on the meta device, or with fewer than 2 entries."""
+    b = getattr(layer, "bias", None)
+    if not isinstance(b, torch.Tensor) or b.is_meta or b.numel() < 2:
+        return 0.0
+    return float(b.detach().float().std())
+
+
 @torch.no_grad()
-def init_like_(new: nn.Module, old: nn.Module, rule: InitRule, std: float | None = None) -> nn.Module:
+def init_like_(
+    new: nn.Module, old: nn.Module, rule: InitRule, std: float | None = None, b_std: float | None = None
+) -> nn.Module:
     """Initialise Conv2d/Linear ``new`` (built to replace ``old``) by ``rule``, in place; return it.
 
     Args:
@@ -95,6 +107,8 @@ def init_like_(new: nn.Module, old: nn.Module, rule: InitRule, std: float | None
         old: the dense layer it replaces or resizes.
         rule: one of ``INIT_RULES`` or a callable (see ``init_rule``).
         std: ``old``'s weight std, when ``old`` was resized in place already (``keep_std``).
+        b_std: the std ``keep_std`` draws ``new``'s bias with (default: ``old``'s bias std); other
+            rules zero the bias.
     """
     if new.weight.is_meta:
         return new  # shapes only: nothing to draw
@@ -105,6 +119,10 @@ def init_like_(new: nn.Module, old: nn.Module, rule: InitRule, std: float | None
         new.weight.normal_(0.0, kaiming_fan_out_std(new))
     elif rule == "keep_std" and (std if std is not None else weight_std(old)) is not None:
         new.weight.normal_(0.0, std if std is not None else weight_std(old))
+        if new.bias is not None:
+            b = bias_std(old) if b_std is None else b_std
+            new.bias.normal_(0.0, b) if b > 0 else new.bias.zero_()
+        return new
     else:
         (nn.Conv2d if isinstance(new, nn.Conv2d) else nn.Linear).reset_parameters(new)
         return new

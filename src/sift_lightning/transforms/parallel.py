@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from sift_lightning.sparse.masks import mark_sparse
 from sift_lightning.transforms._fold import bn_affine, dense_like, layer_bias, masked_weight, per_channel
-from sift_lightning.transforms._init import InitRule, init_like_, init_rule
+from sift_lightning.transforms._init import InitRule, bias_std, init_like_, init_rule
 from sift_lightning.transforms._registry import register
 from sift_lightning.transforms._surgery import (
     candidate_layers,
@@ -133,12 +133,15 @@ class SparseParallel(nn.Module):
 
 
 @torch.no_grad()
-def _fresh_copy(layer: nn.Module, rule: InitRule = "keep_std", zero_init: bool = False) -> nn.Module:
+def _fresh_copy(
+    layer: nn.Module, rule: InitRule = "keep_std", zero_init: bool = False, b_scale: float = 1.0
+) -> nn.Module:
     """A copy with its own fresh draw of the model's initialisation (same device and dtype).
 
     Layers are drawn by the model's rule (``_init.init_rule``: kaiming normal fan_out for timm
     ResNets, the original weight's std for our GPT's normal(0, 0.02) and its scaled residual
-    projections). Norms restart at weight 1 / bias 0 -- or 0 where the original was zero-initialised,
+    projections); biases keep the original's std, times ``b_scale`` (``1/sqrt(n)`` for bare branches,
+    whose n biases add). Norms restart at weight 1 / bias 0 -- or 0 where the original was zero-initialised,
     when ``zero_init`` -- and lose the drop and activation of a norm-act layer (those act after the sum).
     """
     new = copy.deepcopy(layer)
@@ -152,7 +155,7 @@ def _fresh_copy(layer: nn.Module, rule: InitRule = "keep_std", zero_init: bool =
     elif new.weight.is_meta:
         new.reset_parameters()
     else:
-        init_like_(new, layer, rule)
+        init_like_(new, layer, rule, b_std=bias_std(layer) * b_scale)
     return new
 
 
@@ -201,7 +204,8 @@ def sparse_parallel(
             unnormed.append(name)
         branches: list[nn.Module] = []
         for _ in range(n):
-            conv = mark_sparse(_fresh_copy(layer, rule), sparsity)
+            # bare branches add n biases into one output: each starts at 1/sqrt(n) of the original's std
+            conv = mark_sparse(_fresh_copy(layer, rule, b_scale=1.0 if norm else n**-0.5), sparsity)
             branches.append(nn.Sequential(conv, _fresh_copy(norm[2], zero_init=zero_init_last_norm)) if norm else conv)
         replace_module(model, name, SparseParallel(branches, norm[1] if norm else None))
         if norm:

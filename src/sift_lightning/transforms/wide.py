@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import mark_sparse
-from sift_lightning.transforms._init import init_like_, init_rule, weight_std
+from sift_lightning.transforms._init import bias_std, init_like_, init_rule, weight_std
 from sift_lightning.transforms._probe import ProbeFailure, meta_copy, meta_input, trace
 from sift_lightning.transforms._registry import register
 from sift_lightning.transforms._resize import RESIZABLE, resize_
@@ -120,7 +120,7 @@ def _widen_(model: nn.Module, factor: float, first: set[str], last: set[str]) ->
                 d_in, d_out = (m.in_channels, m.out_channels) if conv else (m.in_features, m.out_features)
                 c_in = d_in if name in first else w(d_in)
                 c_out = d_out if name in last else w(d_out)
-                std = weight_std(m)
+                std, b_std = weight_std(m), bias_std(m)
                 if conv:
                     # depthwise (and channel-multiplier) convs keep one group per input channel;
                     # grouped convs keep their group count
@@ -128,7 +128,7 @@ def _widen_(model: nn.Module, factor: float, first: set[str], last: set[str]) ->
                     resize_(m, c_in, c_out, groups)
                 else:
                     resize_(m, c_in, c_out)
-                init_like_(m, m, rule, std=std)  # as the model draws its own layers
+                init_like_(m, m, rule, std=std, b_std=b_std)  # as the model draws its own layers
             else:  # a norm: one width
                 width = m.num_channels if isinstance(m, nn.GroupNorm) else (
                     m.normalized_shape[0] if isinstance(m, nn.LayerNorm) else m.num_features)
