@@ -54,3 +54,46 @@ def test_resuming_a_sparse_checkpoint_without_the_callback_is_refused(tmp_path):
     # evaluating it without the callback is fine: the structure is rebuilt from the checkpoint
     results = pl.Trainer(**QUIET).test(_module(), _data(), ckpt_path=tmp_path / "sparse.ckpt")
     assert "test/loss" in results[0]
+
+
+def _bare(cls):
+    """A strategy instance without its constructor (FSDP needs CUDA or a process group to build)."""
+    return cls.__new__(cls)
+
+
+def test_fsdp1_is_refused_at_setup_pointing_to_fsdp2():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = SparsityCallback(0.5)
+    trainer = SimpleNamespace(strategy=_bare(FSDPStrategy), callbacks=[cb])
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy .*fsdp2.yaml"):
+        cb.setup(trainer, _module(), "fit")
+
+
+@pytest.mark.parametrize("averaging", ["ema", "swa"])
+def test_weight_averaging_under_fsdp2_is_refused(averaging):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    from sift_lightning.parallel import FSDP2Strategy
+
+    cb = SparsityCallback(0.5)
+    other = EMAWeightAveraging() if averaging == "ema" else StochasticWeightAveraging(swa_lrs=0.01)
+    trainer = SimpleNamespace(strategy=_bare(FSDP2Strategy), callbacks=[cb, other])
+    with pytest.raises(ValueError, match=rf"{type(other).__name__} under FSDP2 .* use strategy=ddp"):
+        cb.setup(trainer, _module(), "fit")
+
+
+@pytest.mark.parametrize("sharding", [{"fsdp": ["full_shard"]}, {"deepspeed": "ds_config.json"}])
+def test_hf_trainer_sharding_is_refused(sharding):
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from sift_lightning.hf import SparsityTrainerCallback
+
+    args = SimpleNamespace(**{"fsdp": [], "deepspeed": None, **sharding})
+    with pytest.raises(ValueError, match=f"does not support the Trainer's {next(iter(sharding))}.*DDP"):
+        SparsityTrainerCallback(sparsity=0.5).on_init_end(args, None, None, model=torch.nn.Linear(8, 8))

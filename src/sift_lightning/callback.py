@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging, Timer, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
@@ -131,6 +131,14 @@ class SparsityCallback(pl.Callback):
             )
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             raise ValueError(_NO_DEEPSPEED)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(_NO_FSDP1)
+        averaging = [type(c).__name__ for c in trainer.callbacks
+                     if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
+        if averaging and isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError(f"{averaging[0]} under FSDP2 (ModelParallelStrategy) is not supported with SparsityCallback: "
+                             "its averaged copy would not follow the sharded masks; use strategy=ddp for weight "
+                             f"averaging, or drop {averaging[0]}")
         mine = next(i for i, c in enumerate(trainer.callbacks) if c is self)
         earlier = [type(c).__name__ for c in trainer.callbacks[:mine]
                    if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
@@ -334,5 +342,7 @@ def _heatmap(values: torch.Tensor, lo: float, hi: float, cell: int = 12) -> torc
 
 _NO_DEEPSPEED = ("SparsityCallback does not support DeepSpeed (ZeRO flattens the parameters its masks follow); "
                  "shard with FSDP2 instead: --config configs/strategies/fsdp2.yaml (ModelParallelStrategy)")
+_NO_FSDP1 = ("SparsityCallback does not support FSDPStrategy (FSDP1 flattens the parameters its masks follow); "
+             "shard with FSDP2 instead: --config configs/strategies/fsdp2.yaml (sift_lightning.parallel.FSDP2Strategy)")
 _NEEDS_SWAP = ("transform={transform!r} rebuilds the network; {module} must implement transform_backbone(fn) "
                "(see sift_lightning.SupportsTransform), or use ImageClassifier/LanguageModel")

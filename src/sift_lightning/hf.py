@@ -59,6 +59,11 @@ class SparsityTrainerCallback(TrainerCallback):
         self.log_per_layer = log_per_layer
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: torch.nn.Module = None, **kwargs: Any) -> None:
+        sharding = [name for name in ("fsdp", "deepspeed") if getattr(args, name, None)]
+        if sharding:
+            raise ValueError(f"SparsityTrainerCallback does not support the Trainer's {sharding[0]} (it flattens the "
+                             "parameters the masks follow); train with DDP (torchrun), or shard with FSDP2 through "
+                             "sift_lightning.parallel.shard_model in your own loop")
         if self.engine.model is not None:
             if self.engine.model is not model:
                 raise ValueError("the engine was applied to another model than the Trainer's; pass the model that "
