@@ -133,15 +133,15 @@ class SparsityCallback(pl.Callback):
             raise ValueError(_NO_DEEPSPEED)
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(_NO_FSDP1)
-        averaging = [type(c).__name__ for c in trainer.callbacks
+        mine = next(i for i, c in enumerate(trainer.callbacks) if c is self)
+        averaging = [(i, type(c).__name__) for i, c in enumerate(trainer.callbacks)
                      if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
         if averaging and isinstance(trainer.strategy, ModelParallelStrategy):
-            raise ValueError(f"{averaging[0]} under FSDP2 (ModelParallelStrategy) is not supported with SparsityCallback: "
+            name = averaging[0][1]
+            raise ValueError(f"{name} under FSDP2 (ModelParallelStrategy) is not supported with SparsityCallback: "
                              "its averaged copy would not follow the sharded masks; use strategy=ddp for weight "
-                             f"averaging, or drop {averaging[0]}")
-        mine = next(i for i, c in enumerate(trainer.callbacks) if c is self)
-        earlier = [type(c).__name__ for c in trainer.callbacks[:mine]
-                   if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
+                             f"averaging, or drop {name}")
+        earlier = [name for i, name in averaging if i < mine]
         if earlier:  # it would copy the model before the member is applied, and average another structure
             raise ValueError(f"put SparsityCallback before {earlier[0]} in the Trainer's callbacks: the averaging "
                              "callback copies the model at setup, which must already be sparse")

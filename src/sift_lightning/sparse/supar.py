@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from sift_lightning.sparse.masks import active_count, get_mask, sparse_parameters
-from sift_lightning.transforms import init_rule
+from sift_lightning.transforms import declared_attr, init_rule
 
 __all__ = ["INIT_SCHEMES", "SuparScale", "supar_init_", "supar_multipliers", "supar_param_groups", "uses_supar"]
 
@@ -101,14 +101,6 @@ class _FanIn:
         return self.paths * self.density * self.fan_in
 
 
-def _find_attr(model: nn.Module, attr: str) -> Any:
-    for module in model.modules():
-        value = getattr(module, attr, None)
-        if value is not None:
-            return value
-    return None
-
-
 def uses_supar(model: nn.Module) -> bool:
     """Whether ``supar_init_`` marked ``model`` or any of its submodules (a LightningModule's backbone)."""
     return any(getattr(m, "sift_parametrization", None) == "supar" for m in model.modules())
@@ -117,15 +109,15 @@ def uses_supar(model: nn.Module) -> bool:
 def _init_scheme(model: nn.Module, scheme: str | None) -> str:
     # layers a member builds under the "keep_std" rule start at the replaced layer's std, which does
     # not scale with the width: relative to the base model that is the "fixed" scheme
-    scheme = scheme or _find_attr(model, "sift_init_scheme") or ("fixed" if init_rule(model) == "keep_std" else "fan_in")
+    scheme = scheme or declared_attr(model, "sift_init_scheme") or ("fixed" if init_rule(model) == "keep_std" else "fan_in")
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init_scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
     return scheme
 
 
 def _width_factor(model: nn.Module) -> float:
-    k = _find_attr(model, "sift_width_factor")
-    if k is None and _find_attr(model, "sift_member") == "sparse_wide":
+    k = declared_attr(model, "sift_width_factor")
+    if k is None and declared_attr(model, "sift_member") == "sparse_wide":
         raise ValueError(
             "a sparse_wide model must carry sift_width_factor = k (transform() records it); "
             "set model.sift_width_factor = sqrt(1 / (1 - s)) for a model widened by hand"

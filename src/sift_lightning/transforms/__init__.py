@@ -15,12 +15,12 @@ from torch import nn
 
 from sift_lightning.sparse.masks import sparse_modules
 from sift_lightning.transforms import dense, wide, parallel, factorized, doped  # noqa: F401, I001  registers, in this order
-from sift_lightning.transforms._init import init_rule
+from sift_lightning.transforms._init import declared_attr, init_rule
 from sift_lightning.transforms._registry import get_member, member_names, register, unregister
 
 __all__ = [
-    "FAMILIES", "MEMBERS", "check_sparsity", "get_member", "init_rule", "match_flop_budget", "register", "transform",
-    "unregister",
+    "FAMILIES", "MEMBERS", "check_sparsity", "declared_attr", "get_member", "init_rule", "match_flop_budget",
+    "register", "transform", "unregister",
 ]
 
 _SELECT = ("include", "exclude", "keep_ends_dense", "match_flops")

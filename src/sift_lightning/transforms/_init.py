@@ -26,18 +26,20 @@ Rules:
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
 
-__all__ = ["INIT_RULES", "InitRule", "bias_std", "init_like_", "init_rule", "kaiming_fan_out_std", "weight_std"]
+__all__ = ["INIT_RULES", "InitRule", "bias_std", "declared_attr", "init_like_", "init_rule", "kaiming_fan_out_std",
+           "weight_std"]
 
 INIT_RULES = ("kaiming_fan_out", "keep_std", "torch_default")
 InitRule = Union[str, Callable[[nn.Module, nn.Module], None]]
 
 
-def _declared(model: nn.Module, attr: str):
+def declared_attr(model: nn.Module, attr: str) -> Any:
+    """The first non-None ``attr`` on ``model`` or its submodules (how a model declares ``sift_*`` settings)."""
     for module in model.modules():
         value = getattr(module, attr, None)
         if value is not None:
@@ -59,7 +61,7 @@ def init_rule(model: nn.Module) -> InitRule:
     Raises:
         ValueError: ``model`` declares a ``sift_init`` that is neither a known rule nor callable.
     """
-    declared = _declared(model, "sift_init")
+    declared = declared_attr(model, "sift_init")
     if declared is not None:
         if callable(declared) or declared in INIT_RULES:
             return declared
@@ -67,7 +69,7 @@ def init_rule(model: nn.Module) -> InitRule:
             f"sift_init must be one of {', '.join(INIT_RULES)} or a callable fn(new_layer, old_layer), "
             f"got {declared!r}; fix the model's sift_init attribute"
         )
-    if _declared(model, "sift_init_scheme") == "fixed":
+    if declared_attr(model, "sift_init_scheme") == "fixed":
         return "keep_std"
     if _is_timm_resnet(model):
         return "kaiming_fan_out"
