@@ -60,6 +60,11 @@ class SparsityCallback(pl.Callback):
             ITOP over time as heatmaps, a few layers' masks; and histograms of the active weights and
             of the grow scores.
         settings: a ready ``SparsitySettings`` instead of the individual arguments.
+        optimizer_steps: the optimizer steps each optimizer takes in the run (one int for all, or one
+            per optimizer in ``configure_optimizers`` order), where ``end`` and the drop-fraction
+            schedule are placed. Only manual optimization needs it, and only when an optimizer does
+            not step once per batch (a critic stepped 5 times per generator step); by default the
+            callback derives it from ``max_steps``/``max_epochs`` and checks the assumption.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class SparsityCallback(pl.Callback):
         seed: int = 0,
         log_per_layer: bool = True,
         settings: SparsitySettings | None = None,
+        optimizer_steps: int | Sequence[int] | None = None,
     ) -> None:
         given = dict(sparsity=sparsity, transform=transform, algorithm=algorithm, distribution=distribution, init=init,
                      update_frequency=update_frequency, drop_fraction=drop_fraction, drop_schedule=drop_schedule,
@@ -101,12 +107,14 @@ class SparsityCallback(pl.Callback):
                                  f"(got settings and {', '.join(changed or ['transform_options'])})")
         self.settings = settings
         self.log_per_layer = log_per_layer
+        self.optimizer_steps = _check_optimizer_steps(optimizer_steps)
         self.engine = DynamicSparsity(settings)
         self.flops = TrainingFlops()
         self._load_hook: Any = None
         self._logged_updates = 0
         self._itop_history: list[list[float]] = []  # per-layer ITOP at each update: the heatmap's columns
         self._warned_loss = False
+        self._manual: dict[str, Any] | None = None  # manual optimization: batches and steps since fit start
 
     @property
     def state_key(self) -> str:
@@ -178,22 +186,74 @@ class SparsityCallback(pl.Callback):
 
     # ---------------------------------------------------------------- fit
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("SparsityCallback needs a finite run to place `end`: set max_steps or max_epochs")
-        for opt in trainer.optimizers:
-            self.engine.attach(opt, max(1, int(total)))
+        totals = self._run_steps(trainer, pl_module)
+        for opt, total in zip(trainer.optimizers, totals):
+            self.engine.attach(opt, total)
+        if self._manual is not None:
+            self._manual["start"] = list(self.engine.steps)  # a resumed run's steps so far
         self.engine.check_coverage()
-        self._warn_if_masks_cannot_move(trainer, int(total))
+        self._warn_if_masks_cannot_move(trainer, min(totals))
         self._guard_weight_averaging(trainer, pl_module)
         self._log_hyperparams(trainer)
+
+    def _run_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[int]:
+        """The optimizer steps each optimizer takes in this run (``end`` is placed on them).
+
+        Automatic optimization steps its one optimizer once per ``accumulate_grad_batches`` batches:
+        Lightning's estimate. Under manual optimization ``max_steps`` counts every optimizer's steps
+        (two optimizers stepped per batch reach ``max_steps=40`` after 20 batches), so the estimate
+        would place ``end`` twice too late: each optimizer is taken to step once per batch, and
+        ``on_train_batch_end`` checks that it does.
+        """
+        n = len(trainer.optimizers)
+        self._manual = None
+        if self.optimizer_steps is not None:
+            if len(self.optimizer_steps) not in (1, n):
+                raise ValueError(f"optimizer_steps has {len(self.optimizer_steps)} entries but the module has {n} "
+                                 "optimizers; give one int, or one per optimizer in configure_optimizers order")
+            return list(self.optimizer_steps) * (n if len(self.optimizer_steps) == 1 else 1)
+        if pl_module.automatic_optimization:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("SparsityCallback needs a finite run to place `end`: set max_steps or max_epochs")
+            return [max(1, int(total))] * n
+        trainer.estimated_stepping_batches  # loads the train dataloader: num_training_batches is set after it
+        limits = []
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            limits.append(math.ceil(trainer.max_steps / max(n, 1)))  # manual: max_steps counts every optimizer's steps
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(trainer.num_training_batches):
+            limits.append(int(trainer.num_training_batches) * max(trainer.max_epochs, 1))
+        if not limits:
+            raise ValueError("SparsityCallback needs a finite run to place `end`: set max_steps or max_epochs, "
+                             "or pass optimizer_steps")
+        self._manual = {"batches": 0, "start": None, "total": max(1, min(limits))}
+        return [self._manual["total"]] * n
+
+    def _check_manual_steps(self) -> None:
+        """Manual optimization: each optimizer must step about once per batch, or ``end`` is misplaced."""
+        m = self._manual
+        if m is None:
+            return
+        m["batches"] += 1
+        b = m["batches"]
+        if b < 10:
+            return
+        taken = [now - then for now, then in zip(self.engine.steps, m["start"])]
+        off = [(i, t) for i, t in enumerate(taken) if abs(t - b) > 0.1 * b]
+        if off:
+            self._manual = None
+            desc = ", ".join(f"optimizer {i} took {t} steps" for i, t in off)
+            raise ValueError(
+                f"manual optimization: {desc} in {b} batches, but SparsityCallback placed end and the drop-fraction "
+                f"schedule on one step per optimizer per batch ({m['total']} steps each); pass "
+                "SparsityCallback(optimizer_steps=[...]) with each optimizer's steps in the run")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.detach()
         apply_masks(pl_module)  # whatever a callback copied in at the end (averaged weights), masked is 0
         s = self.settings
         if s.algorithm != "static" and self.engine.updates == 0 and trainer.global_step > 0:
-            warnings.warn(f"no mask update happened in this run's {trainer.global_step} optimizer steps "
+            warnings.warn(f"no mask update happened in this run's {max(self.engine.steps)} optimizer steps "
                           f"(update_frequency={s.update_frequency}): {s.algorithm} trained static masks; lower "
                           "update_frequency or train longer", stacklevel=2)
 
@@ -249,7 +309,10 @@ class SparsityCallback(pl.Callback):
         self.engine.prepare_step(optimizer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.flops.start_forward(pl_module)  # one real forward pass measures the per-sample MACs
+        # one real forward pass measures the per-sample MACs; a manual training_step's passes and
+        # backwards are its own (a GAN runs several), so no FLOPs are counted or logged for it
+        if pl_module.automatic_optimization:
+            self.flops.start_forward(pl_module)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self.flops.end_forward()
@@ -258,8 +321,11 @@ class SparsityCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.engine.discard_step()  # prepared but never stepped: the GradScaler skipped this step
-        self.flops.add_batch(extract_batch_size(batch), trainer.world_size, trainer.accumulate_grad_batches,
-                             self.engine.dense_gradient_steps)
+        if pl_module.automatic_optimization:
+            self.flops.add_batch(extract_batch_size(batch), trainer.world_size, trainer.accumulate_grad_batches,
+                                 self.engine.dense_gradient_steps)
+        else:
+            self._check_manual_steps()
         updated = self.engine.updates != self._logged_updates
         if updated or trainer.global_step % trainer.log_every_n_steps == 0:
             self._check_loss(trainer, outputs)
@@ -338,6 +404,16 @@ def _heatmap(values: torch.Tensor, lo: float, hi: float, cell: int = 12) -> torc
     i = t.floor().long().clamp(max=len(_VIRIDIS) - 2)
     rgb = _VIRIDIS[i] + (t - i)[..., None] * (_VIRIDIS[i + 1] - _VIRIDIS[i])  # (rows, cols, 3)
     return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).permute(2, 0, 1)
+
+
+def _check_optimizer_steps(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)) or not items or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
+        raise ValueError(f"optimizer_steps must be a positive int or a list of them (one per optimizer), got {value!r}")
+    return list(items)
 
 
 _NO_DEEPSPEED = ("SparsityCallback does not support DeepSpeed (ZeRO flattens the parameters its masks follow); "
