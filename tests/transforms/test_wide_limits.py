@@ -76,3 +76,17 @@ def test_sparse_wide_depthwise_multiplier():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )
     _widen_or_refuse(model, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"features_only": True}])
+def test_sparse_wide_refuses_a_headless_backbone_and_says_why(kwargs):
+    # without a classifier the model returns its features, which Sparse Wide would widen
+    import timm
+
+    model = timm.create_model("resnet18", **kwargs)
+    with pytest.raises(ValueError, match=r"sparse_wide cannot widen .*no Conv2d/Linear layer writes this model's output"
+                                         r".*num_classes=0 or features_only=True.*together with its head"):
+        transform(model, "sparse_wide", 0.5, example_input=torch.zeros(1, 3, 64, 64))
+    with_head = transform(timm.create_model("resnet18", num_classes=10), "sparse_wide", 0.5,
+                          example_input=torch.zeros(1, 3, 64, 64))
+    assert with_head(torch.zeros(2, 3, 64, 64)).shape == (2, 10)

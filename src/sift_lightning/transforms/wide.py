@@ -173,14 +173,22 @@ def _widen_cnn(model: nn.Module, factor: float, example_input: Any = None) -> nn
         raise _refuse(model, "(the model itself)", "calls no Conv2d/Linear layer")
     # the layers that read the model's input keep their inputs; those that write its output keep theirs
     first, last = set(dense.inputs or dense.layers[:1]), set(dense.outputs) | {dense.layers[-1]}
+    # no Conv2d/Linear writes the model's output: a backbone without a classifier (timm's num_classes=0,
+    # features_only) returns its widened features, or fails on the residual stream's width
+    headless = "" if dense.outputs else (
+        "; no Conv2d/Linear layer writes this model's output, as in a backbone without its classifier (timm's "
+        "num_classes=0 or features_only=True), whose features would widen: transform the model together with "
+        "its head (the classifier keeps its outputs)")
     try:
         wide = trace(_widen_(meta_copy(model), factor, first, last), x)
     except ProbeFailure as err:
         raise _refuse(model, err.where, f"fails once widened ({err.message}): a width the model holds outside its "
-                                        "layers (a channel split, a concatenation, a fixed index) does not follow") from None
+                                        "layers (a channel split, a concatenation, a fixed index) does not follow"
+                                        + headless) from None
     if wide.out_shapes != dense.out_shapes:
         raise _refuse(model, dense.layers[-1], f"leaves the widened model with outputs {wide.out_shapes} instead "
-                                               f"of {dense.out_shapes}: a width outside the layers does not follow")
+                                               f"of {dense.out_shapes}: a width outside the layers does not follow"
+                                               + headless)
     return _widen_(copy.deepcopy(model), factor, first, last)
 
 
