@@ -113,6 +113,18 @@ def test_bad_sift_value_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_transform_typo_lists_the_cli_values(tmp_path, monkeypatch, capsys):
+    # on the command line the baseline is "dense" (no callback), which the settings' own list lacks
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--sift.transform", "sparse_wid",
+              "--trainer.accelerator", "cpu"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sift-fit: error: --sift.transform must be one of dense (the baseline), none (the model's own layers trained "
+        "sparse), sparse_wide, sparse_parallel, sparse_factorized, sparse_doped; got 'sparse_wid'")
+
+
 def test_last_ckpt_is_the_final_step_after_a_mid_epoch_validation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / "quickstart_gpt.yaml"), *FAST, "--trainer.max_steps", "5",

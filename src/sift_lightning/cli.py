@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from sift_lightning.callback import SparsityCallback
 from sift_lightning.sparse.settings import SparsitySettings
-from sift_lightning.transforms import check_sparsity
+from sift_lightning.transforms import MEMBERS, check_sparsity
 from sift_lightning.checkpointing import ModelCheckpoint
 
 __all__ = ["SiftCLI", "main"]
@@ -48,6 +48,9 @@ class SiftCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         settings = dict(self._get(self.config, "sift") or {})
         log_per_layer = settings.pop("log_per_layer", True)
+        if settings.get("transform") not in ("dense", "none", None, *MEMBERS[1:]):
+            raise ValueError(f"--sift.transform must be one of dense (the baseline), none (the model's own layers "
+                             f"trained sparse), {', '.join(MEMBERS[1:])}; got {settings.get('transform')!r}")
         if settings.get("transform") == "dense":
             check_sparsity(settings.get("sparsity"), "--sift.sparsity")  # a typo must not pass silently
         else:
