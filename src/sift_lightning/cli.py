@@ -147,10 +147,15 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _root_message(err: BaseException) -> str:
-    """Our own message under jsonargparse's "Does not validate against any of the Union subtypes" dump."""
+    """Our own message under jsonargparse's "Does not validate against any of the Union subtypes" dump, or
+    under a DataLoader worker's traceback."""
     while str(err).startswith("Does not validate against any of the Union subtypes") and err.__cause__ is not None:
         err = err.__cause__
-    return str(err)
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:  # raised in a DataLoader worker: its last line
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 if __name__ == "__main__":

@@ -96,3 +96,21 @@ def test_download_extracts_the_official_archive(tmp_path, monkeypatch):
         (("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", str(tmp_path)),
          {"filename": "cifar-100-python.tar.gz", "md5": "eb9058c3a382ffc7106e4002c42a8d85"}),
     ]  # fmt: skip
+
+
+def test_corrupt_file_is_named(tmp_path):
+    # torchvision checks each file's md5 ("Dataset not found or corrupted"): the line names the file
+    write_cifar100(tmp_path)  # real layout, but not the official bytes
+    folder = tmp_path / "cifar-100-python"
+    message = (f"{folder / 'train'} is corrupt (its md5 differs from the official CIFAR-100 file's); delete {folder} "
+               "and extract cifar-100-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz) "
+               "again, or set download: true")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        CIFARDataModule(root=str(tmp_path), num_workers=0).setup("fit")
+
+
+def test_unreadable_pickle_is_one_line(fake_cifar):
+    (fake_cifar / "cifar-100-python" / "test").write_bytes(b"\x80\x02 cut")  # the md5 check is patched out here
+    with pytest.raises(ValueError, match=r"^CIFAR-100 under .*cifar-100-python is not readable \(.*\); extract "
+                                         r"cifar-100-python.tar.gz there again$"):
+        CIFARDataModule(root=str(fake_cifar), num_workers=0).setup("fit")

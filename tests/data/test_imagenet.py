@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sift_lightning.cli import _root_message
 from sift_lightning.data import DataNotFoundError, ImageNetDataModule
 
 
@@ -48,3 +49,29 @@ def test_missing_data_message(tmp_path):
 def test_val_resize_is_checked():
     with pytest.raises(ValueError, match=re.escape("val_resize (200) must be >= image_size (224)")):
         ImageNetDataModule(root="x", val_resize=200)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xd8\xff\xe0 cut short", b"", b"not an image at all"])
+def test_unreadable_image_is_named_in_one_line(fake_imagenet, content):
+    # one bad file among many: the error names it, in the main process and from a loader worker
+    bad = fake_imagenet / "train" / "n01443537" / "n01443537_9.JPEG"
+    bad.write_bytes(content)
+    line = re.escape(f"{bad} is not a readable image (") + r"[A-Za-z]+Error: .+" + re.escape(
+        "); delete it or replace it with a good copy")
+    dm = ImageNetDataModule(root=str(fake_imagenet), batch_size=7, num_workers=0, image_size=32, val_resize=36)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=f"^{line}$"):
+        list(dm.train_dataloader())
+    dm.num_workers = 1
+    with pytest.raises(ValueError) as worker_error:
+        list(dm.train_dataloader())
+    assert re.fullmatch(line, _root_message(worker_error.value))  # what sift-fit prints after "error: "
+
+
+def test_class_folder_without_images(fake_imagenet):
+    (fake_imagenet / "val" / "n01443537" / "n01443537_0.png").unlink()
+    for f in (fake_imagenet / "val" / "n01443537").iterdir():
+        f.unlink()
+    dm = ImageNetDataModule(root=str(fake_imagenet), batch_size=4, num_workers=0, image_size=32, val_resize=36)
+    with pytest.raises(ValueError, match=f"^ImageNet under {re.escape(str(fake_imagenet / 'val'))}: .*n01443537"):
+        dm.setup("fit")

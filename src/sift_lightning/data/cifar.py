@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+
 import torch
+import torchvision.datasets.cifar as cifar_files
 from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
@@ -97,7 +100,22 @@ class CIFARDataModule(SplitDataModule):
         return v2.Compose([*augment, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
     def _dataset(self, train: bool, transform: v2.Transform) -> datasets.CIFAR10:
-        return self.dataset_cls(str(abspath(self.root)), train=train, transform=transform)
+        cls = self.dataset_cls
+        try:
+            return cls(str(abspath(self.root)), train=train, transform=transform)
+        except RuntimeError:  # torchvision's md5 check: "Dataset not found or corrupted"
+            folder = abspath(self.root) / cls.base_folder
+            bad = [name for name, md5 in cls.train_list + cls.test_list
+                   if not cifar_files.check_integrity(str(folder / name), md5)]
+            if not bad:
+                raise
+            raise ValueError(
+                f"{folder / bad[0]} is corrupt (its md5 differs from the official CIFAR-{self.num_classes} file's); "
+                f"delete {folder} and extract {cls.filename} (from {cls.url}) again, or set download: true"
+            ) from None
+        except (pickle.UnpicklingError, EOFError) as err:
+            raise ValueError(f"CIFAR-{self.num_classes} under {abspath(self.root) / cls.base_folder} is not readable "
+                             f"({type(err).__name__}: {err}); extract {cls.filename} there again") from None
 
     def setup(self, stage: str | None = None) -> None:
         """Load the pickles (torchvision checks their md5) and build the three data sets."""

@@ -5,14 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
 
-from ._common import DataNotFoundError, SplitDataModule, abspath
+from ._common import DataNotFoundError, SplitDataModule, abspath, one_line
 
 __all__ = ["ImageNetDataModule"]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _read_image(path: str) -> Image.Image:
+    """torchvision's RGB loader, with an unreadable file named in one line (one bad JPEG in 1.28M)."""
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {one_line(err)}); "
+                         "delete it or replace it with a good copy") from None
 
 
 def _has_class_dirs(folder: Path) -> bool:
@@ -80,10 +91,17 @@ class ImageNetDataModule(SplitDataModule):
         """Index the image folders (ImageFolder lists every file once, here)."""
         self.check()
         root = abspath(self.root)
-        self.train_set = ImageFolder(str(root / "train"), transform=self._transform(train=True))
-        self.val_set = ImageFolder(str(root / "val"), transform=self._transform(train=False))
+        self.train_set = _image_folder(root / "train", self._transform(train=True))
+        self.val_set = _image_folder(root / "val", self._transform(train=False))
         if self.train_set.classes != self.val_set.classes:
             raise ValueError(f"ImageNet train/ and val/ under {root} hold different class folders")
         self.num_classes = len(self.train_set.classes)
         self.test_set = self.val_set  # ImageNet's labelled evaluation set is its validation set
 
+
+
+def _image_folder(folder: Path, transform: v2.Transform) -> ImageFolder:
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=_read_image)
+    except FileNotFoundError as err:  # a class folder without images: torchvision's message names it
+        raise ValueError(f"ImageNet under {folder}: {one_line(err, 400)}") from None
