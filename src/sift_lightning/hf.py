@@ -34,7 +34,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from sift_lightning.sparse.engine import DynamicSparsity
 from sift_lightning.sparse.settings import SparsitySettings
 
-__all__ = ["ENGINE_STATE_NAME", "SparsityTrainerCallback"]
+__all__ = ["ENGINE_STATE_NAME", "SparsityTrainerCallback", "conv1d_to_linear"]
 
 ENGINE_STATE_NAME = "sift_engine.pt"
 
@@ -107,3 +107,28 @@ class SparsityTrainerCallback(TrainerCallback):
         logs.update(metrics)  # seen by the callbacks after this one (put it first to reach TensorBoard)
         if state.log_history:
             state.log_history[-1].update(metrics)
+
+
+def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace each of transformers' ``Conv1D`` layers (GPT-2's attention and MLP) by the same ``nn.Linear``.
+
+    ``Conv1D`` computes ``x @ W + b`` with ``W`` of shape (in, out): a Linear with its weight
+    transposed, which Sparse-IFT's members and masks do not recognise. The Linear computes the same
+    function (weight ``W.T``, same bias, dtype and device). The model changes in place and is
+    returned; its ``state_dict`` then holds those weights transposed under the same names, so load
+    such checkpoints into a converted model (``conv1d_to_linear(GPT2LMHeadModel(config))``).
+    Call it before the engine, the callback or ``transform``.
+    """
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+            continue
+        weight = module.weight
+        linear = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None,
+                                 device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return model

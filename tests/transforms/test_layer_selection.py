@@ -6,6 +6,7 @@ from torch import nn
 
 from sift_lightning import sparse_targets, transform
 from sift_lightning.models.gpt import GPT, gpt_config
+from sift_lightning.transforms._surgery import candidate_layers
 from sift_lightning.transforms.parallel import parallel_branches
 from transform_models import (
     MEMBERS,
@@ -122,3 +123,44 @@ def test_transforming_gpt_twice_raises(second):
     model = transform(GPT(gpt_config("gpt_tiny")), "sparse_wide", 0.5)
     with pytest.raises(ValueError, match="already has sparse layers"):
         transform(model, second, 0.5)
+
+
+class _Mixed(nn.Module):
+    """A 1-d conv front end, attention with a packed input projection, and Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Conv1d(4, 16, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.front(x).transpose(1, 2)
+        h = self.attn(h, h, h)[0]
+        return self.head(self.fc2(self.fc1(h).relu())).mean(1)
+
+
+@pytest.mark.parametrize("family", [None, "sparse_parallel", "sparse_factorized", "sparse_doped"])
+def test_weight_layers_no_member_handles_are_named(family):
+    # Conv1d and MultiheadAttention's packed projection stay dense: said, with their names
+    # (Sparse Wide refuses this model outright: it cannot widen attention)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) of type Conv1d/MultiheadAttention \(front, attn\) are not "
+                                         r"Conv2d or Linear.*stay dense"):
+        if family is None:  # what the engine does with transform=None: mark the candidates sparse
+            layers = candidate_layers(_Mixed())
+            assert [n for n, _ in layers] == ["attn.out_proj", "fc1", "fc2"]
+        else:
+            # MultiheadAttention reads out_proj.weight itself: the members refuse to replace it
+            transform(_Mixed(), family, 0.5, example_input=torch.zeros(2, 4, 8), exclude=["attn.out_proj"])
+
+
+def test_only_unhandled_layers_left_is_an_error_that_names_them():
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(32, 2))
+    with pytest.raises(ValueError, match=r"no Conv2d/Linear layer left to make sparse \(layers found: 3\); 2 layer\(s\) "
+                                         r"of type Conv1d \(0, 1\)"):
+        transform(model, "sparse_doped", 0.5)
+
+
+def test_embedding_model_keeps_only_its_head_dense():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))
+    assert set(sparse_targets(transform(model, "sparse_doped", 0.5))) == {"1.sparse.weight"}

@@ -1,7 +1,9 @@
 """Finding and replacing layers; no Sparse-IFT maths lives here.
 
 Candidates are ``nn.Conv2d`` with ``groups == 1`` (depthwise convs stay dense) and ``nn.Linear``.
-By default the network's first and last candidate (stem and classifier) stay dense. A module that
+By default the network's first and last candidate (stem and classifier) stay dense; in a model that
+starts with an ``nn.Embedding`` (a language model) or another weight layer no member handles (a
+Conv1d front end) that layer is the stem, and only the last candidate stays dense. A module that
 knows better declares ``sift_dense_layers``: fnmatch patterns of its own submodule names to keep
 dense instead (the GPT keeps ``lm_head`` dense but transforms its first Linear, Q/K/V).
 
@@ -17,6 +19,7 @@ import fnmatch
 import inspect
 import re
 import textwrap
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -32,6 +35,7 @@ __all__ = [
     "following_norm",
     "is_candidate",
     "keep_zero_init",
+    "other_weight_layers",
     "replace_module",
     "reset_zero_init",
     "split_shortcuts",
@@ -51,6 +55,33 @@ def is_candidate(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.groups == 1
     return isinstance(module, nn.Linear)
+
+
+# Weight layers no member transforms or masks. They stay dense: said in a warning, or, when nothing
+# else is left to make sparse, in the error (a GPT-2 from transformers is built of Conv1D).
+_OTHER_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.Bilinear, nn.MultiheadAttention,
+                        nn.RNNBase)
+
+
+def other_weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers computing with a weight matrix or kernel that are not candidates: they stay dense.
+
+    torch's Conv1d/Conv3d, transposed convs, Bilinear, MultiheadAttention's packed input projection,
+    recurrent layers, and transformers' ``Conv1D`` (a Linear with its weight transposed).
+    """
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, _OTHER_WEIGHT_LAYERS) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))]
+
+
+def _other_layers_note(others: list[tuple[str, nn.Module]]) -> str:
+    kinds = sorted({type(m).__name__ for _, m in others})
+    names = ", ".join(n for n, _ in others[:3]) + (", ..." if len(others) > 3 else "")
+    note = (f"{len(others)} layer(s) of type {'/'.join(kinds)} ({names}) are not Conv2d or Linear, so no member "
+            "transforms or masks them")
+    if "Conv1D" in kinds:
+        note += ("; transformers' Conv1D (GPT-2) is a Linear with its weight transposed: convert the model with "
+                 "sift_lightning.hf.conv1d_to_linear(model) first")
+    return note
 
 
 def uses_raw_weight(layer: nn.Module) -> bool:
@@ -202,20 +233,43 @@ def candidate_layers(
         if declared is not None:
             dense_patterns += declared
         elif layers:
-            dense_patterns += [layers[0][0], layers[-1][0]]
+            # the stem and the classifier; a model that starts with an embedding (a language model: HF
+            # GPT-2, Llama, BERT) or a Conv1d front end has that as its stem, and its first block's
+            # Q/K/V are transformed
+            dense_patterns += [layers[-1][0]] if _stem_is_not_a_candidate(model, layers[0][1]) else \
+                [layers[0][0], layers[-1][0]]
     chosen = [
         (n, m)
         for n, m in layers
         if (include is None or _matches(n, include)) and not _matches(n, dense_patterns)
     ]
+    others = other_weight_layers(model)
     if not chosen:
         names = ", ".join(n for n, _ in layers[:6]) or "none"
+        if others:
+            raise ValueError(f"no Conv2d/Linear layer left to make sparse (layers found: {names}); "
+                             + _other_layers_note(others))
         raise ValueError(
             f"no Conv2d/Linear layer left to make sparse (layers found: {names}); "
             "check include/exclude patterns or pass keep_ends_dense=False"
         )
+    if others:
+        warnings.warn(_other_layers_note(others) + ": they stay dense, and the sparsity and FLOP budget cover the "
+                      "Conv2d/Linear layers only", stacklevel=3)
     _check_raw_weights(chosen, who)
     return chosen
+
+
+def _stem_is_not_a_candidate(model: nn.Module, first: nn.Module) -> bool:
+    """Whether an embedding or another weight layer (a Conv1d front end) is registered before ``first``,
+    the first candidate layer: then that is the stem, and ``first`` is an ordinary hidden layer."""
+    others = {id(m) for _, m in other_weight_layers(model)}
+    for m in model.modules():
+        if m is first:
+            return False
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or id(m) in others:
+            return True
+    return False
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
