@@ -61,7 +61,7 @@ class _MaskedStayZero(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.batches += 1
-        self.end_steps = [st.end_step for st in self.cb.engine._optimizers]
+        self.end_steps = self.cb.engine.end_steps
         for full, owner, local, p in sparse_parameters(pl_module):
             mask = get_mask(owner, local)
             assert not p[~mask].any(), f"{full}: a masked weight is non-zero after batch {self.batches}"

@@ -26,7 +26,7 @@ from sift_lightning.sparse.settings import SparsitySettings
 from sift_lightning.transforms import MEMBERS, check_sparsity
 from sift_lightning.checkpointing import ModelCheckpoint
 
-__all__ = ["SiftCLI", "main"]
+__all__ = ["SiftCLI", "error_line", "main"]
 
 
 class SiftCLI(LightningCLI):
@@ -142,13 +142,13 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("SIFT_DEBUG"):
             raise
-        print(f"sift-fit: error: {_root_message(err)}", file=sys.stderr)
+        print(f"sift-fit: error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 
-def _root_message(err: BaseException) -> str:
-    """Our own message under jsonargparse's "Does not validate against any of the Union subtypes" dump, or
-    under a DataLoader worker's traceback."""
+def error_line(err: BaseException) -> str:
+    """What ``sift-fit`` prints after ``error:``: our own message, found under jsonargparse's "Does not
+    validate against any of the Union subtypes" dump or under a DataLoader worker's traceback."""
     while str(err).startswith("Does not validate against any of the Union subtypes") and err.__cause__ is not None:
         err = err.__cause__
     text = str(err)

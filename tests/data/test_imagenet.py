@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sift_lightning.cli import _root_message
+from sift_lightning.cli import error_line
 from sift_lightning.data import DataNotFoundError, ImageNetDataModule
 
 
@@ -65,7 +65,7 @@ def test_unreadable_image_is_named_in_one_line(fake_imagenet, content):
     dm.num_workers = 1
     with pytest.raises(ValueError) as worker_error:
         list(dm.train_dataloader())
-    assert re.fullmatch(line, _root_message(worker_error.value))  # what sift-fit prints after "error: "
+    assert re.fullmatch(line, error_line(worker_error.value))  # what sift-fit prints after "error: "
 
 
 def test_class_folder_without_images(fake_imagenet):

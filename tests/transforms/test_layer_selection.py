@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from sift_lightning import sparse_targets, transform
+from sift_lightning import DynamicSparsity, SparsitySettings, sparse_targets, transform
 from sift_lightning.models.gpt import GPT, gpt_config
-from sift_lightning.transforms._surgery import candidate_layers
 from sift_lightning.transforms.parallel import parallel_branches
 from transform_models import (
     MEMBERS,
@@ -146,9 +145,9 @@ def test_weight_layers_no_member_handles_are_named(family):
     # (Sparse Wide refuses this model outright: it cannot widen attention)
     with pytest.warns(UserWarning, match=r"2 layer\(s\) of type Conv1d/MultiheadAttention \(front, attn\) are not "
                                          r"Conv2d or Linear.*stay dense"):
-        if family is None:  # what the engine does with transform=None: mark the candidates sparse
-            layers = candidate_layers(_Mixed())
-            assert [n for n, _ in layers] == ["attn.out_proj", "fc1", "fc2"]
+        if family is None:  # the engine marks the candidates sparse; the Conv1d front end is the stem
+            model = DynamicSparsity(SparsitySettings(sparsity=0.5)).apply(_Mixed())
+            assert set(sparse_targets(model)) == {"attn.out_proj.weight", "fc1.weight", "fc2.weight"}
         else:
             # MultiheadAttention reads out_proj.weight itself: the members refuse to replace it
             transform(_Mixed(), family, 0.5, example_input=torch.zeros(2, 4, 8), exclude=["attn.out_proj"])

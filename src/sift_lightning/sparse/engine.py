@@ -276,6 +276,11 @@ class DynamicSparsity:
         """Each attached optimizer's step count, in attach order."""
         return [st.step for st in self._optimizers] or list(self._loaded_steps or [0])
 
+    @property
+    def end_steps(self) -> list[int]:
+        """Where each attached optimizer's masks stop changing (``end`` of its ``total_steps``), in attach order."""
+        return [st.end_step for st in self._optimizers]
+
     def _state(self, optimizer: torch.optim.Optimizer) -> _OptimizerState:
         for st in self._optimizers:
             if st.optimizer is optimizer:
