@@ -360,7 +360,7 @@ def _plot(task: str, rows: dict, metric: str) -> None:
         if "dense" in rows:
             narrow["dense_full_width"] = rows["dense"]
         panels["half-width model: "] = narrow
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(8.5 * len(panels), 4), squeeze=False)
     for ax, (title, panel) in zip(axes[0], panels.items()):
         _plot_panel(ax, panel, metric)
         ax.set_title(f"{task}: {title}Sparse-IFT at equal forward FLOPs")
@@ -375,12 +375,15 @@ def _plot_panel(ax, rows: dict, metric: str) -> None:
         mean, std = _mean_std([r["test"][metric] for r in dense])
         ax.axhline(mean, color="k", ls="--", label=f"dense ({len(dense)} seeds)")
         ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
-    for name, rs in rows.items():  # unmasked controls at another width (more FLOPs): dotted
-        if name.startswith("dense_"):
-            ax.axhline(_mean_std([r["test"][metric] for r in rs])[0], color="grey", ls=":",
-                       label=f"{name}, unmasked, {rs[0]['macs_dense'] / dense[0]['macs_dense']:.1f}x FLOPs"
-                       if dense and "macs_dense" in rs[0] else name)
-    for fam in FAMILIES:
+    controls = [(n, rs) for n, rs in rows.items() if n.startswith("dense_")]
+    styles = [("grey", ":"), ("tab:purple", "-."), ("tab:brown", ":"), ("tab:olive", "-.")]
+    for (name, rs), (color, ls) in zip(controls, styles * len(controls)):  # unmasked controls: dotted
+        ax.axhline(_mean_std([r["test"][metric] for r in rs])[0], color=color, ls=ls,
+                   label=f"{name}, unmasked, {rs[0]['macs_dense'] / dense[0]['macs_dense']:.1f}x FLOPs"
+                   if dense and "macs_dense" in rs[0] else name)
+    for i, fam in enumerate(FAMILIES):
+        # members side by side at each sparsity (they share the x values), each variant beside its member
+        dodge = (i - (len(FAMILIES) - 1) / 2) * 0.008
         pts = []
         for name, rs in rows.items():
             tail = name[len(fam) + 1:]
@@ -392,19 +395,20 @@ def _plot_panel(ax, rows: dict, metric: str) -> None:
                 pts.append((s, *_mean_std([r["test"][metric] for r in rs])))
         if pts:
             xs, ys, es = zip(*sorted(pts))
-            line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=fam)
+            line = ax.errorbar([x + dodge for x in xs], ys, yerr=es, marker="o", capsize=3, label=fam)
             for variant, marker in (("static", "s"), ("init_scale", "^"), ("supar", "D")):  # the same member, other settings
                 for name, rs in rows.items():
                     head, _, tail = name.rpartition("_" + variant)
                     if tail == "" and head.startswith(fam + "_") and head[len(fam) + 1:].replace(".", "", 1).isdigit():
                         m, e = _mean_std([r["test"][metric] for r in rs])
                         label = f"{fam} ({variant})"
-                        ax.errorbar([float(head[len(fam) + 1:])], [m], yerr=[e], marker=marker, mfc="none", capsize=3,
+                        ax.errorbar([float(head[len(fam) + 1:]) + dodge + 0.003], [m], yerr=[e], marker=marker,
+                                    mfc="none", capsize=3,
                                     color=line[0].get_color(), ls="none",
                                     label=None if label in ax.get_legend_handles_labels()[1] else label)
-    ax.set_xlabel("sparsity s")
+    ax.set_xlabel("sparsity s (members drawn side by side)")
     ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it hid points
 
 
 def _curve(task: str, name: str, seed: int, tag: str) -> dict[int, float]:

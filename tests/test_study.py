@@ -144,6 +144,8 @@ def test_the_lm_study_runs_sparse_wide_with_and_without_supar_and_plots_both(stu
     study._plot_panel(ax, rows, "test/ppl")
     handles, labels = ax.get_legend_handles_labels()
     assert labels.count("sparse_wide") == 1 and labels.count("sparse_wide (supar)") == 1  # one marker legend for both s
-    supar = handles[labels.index("sparse_wide (supar)")]
-    assert list(supar[0].get_xdata()) == [0.5] and list(supar[0].get_ydata()) == [4.05]
+    supar, plain = handles[labels.index("sparse_wide (supar)")], handles[labels.index("sparse_wide")]
+    assert list(supar[0].get_ydata()) == [4.05] and list(plain[0].get_ydata()) == [4.1, 4.3]
+    # drawn beside its member's s=0.5 point (members and variants are dodged so none hides another)
+    assert supar[0].get_xdata()[0] == pytest.approx(0.5, abs=0.02) and supar[0].get_xdata()[0] > plain[0].get_xdata()[0]
     plt.close(fig)
