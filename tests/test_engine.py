@@ -411,3 +411,15 @@ def test_unreachable_sparsity_warns():
     with pytest.warns(UserWarning, match=r"^sparsity 0.9999 leaves less than one weight in 1 layer\(s\) \(e.g. 2.weight, "
                                          r"1024 weights\): each keeps one, so the model's sparsity is 0.9990"):
         DynamicSparsity(sparsity=0.9999).apply(_mlp())
+
+
+def test_a_frozen_hand_marked_layer_outside_the_optimizer_is_named():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    mark_sparse(model[1], 0.5)
+    model[1].requires_grad_(False)
+    engine = DynamicSparsity(SparsitySettings(sparsity=0.5))
+    engine.apply(model)
+    engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), total_steps=4)
+    with pytest.raises(ValueError, match=r"1 sparse parameters \(1\.weight, \.\.\.\) are frozen \(requires_grad=False\) "
+                                         r"and in no optimizer.*exclude=\['1'\]"):
+        engine.check_coverage()

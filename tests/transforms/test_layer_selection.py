@@ -163,3 +163,26 @@ def test_only_unhandled_layers_left_is_an_error_that_names_them():
 def test_embedding_model_keeps_only_its_head_dense():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10))
     assert set(sparse_targets(transform(model, "sparse_doped", 0.5))) == {"1.sparse.weight"}
+
+
+def _partly_frozen() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    model[1].requires_grad_(False)  # a frozen pretrained layer
+    return model
+
+
+@pytest.mark.parametrize("family", [None, *MEMBERS])
+def test_frozen_layers_are_refused_not_silently_rebuilt_or_masked(family):
+    # a member's new modules would train (requires_grad=True), a mask would zero frozen weights for good
+    with pytest.raises(ValueError, match=r"1 chosen layer\(s\) are frozen \(requires_grad=False: 1\): .* would rebuild "
+                                         r"or mask them.*exclude=\['1'\]"):
+        DynamicSparsity(SparsitySettings(sparsity=0.5, transform=family)).apply(_partly_frozen())
+
+
+@pytest.mark.parametrize("family", [None, "sparse_parallel", "sparse_factorized", "sparse_doped"])
+def test_excluded_frozen_layer_stays_dense_and_frozen(family):
+    model = _partly_frozen()
+    before = model[1].weight.clone()
+    model = DynamicSparsity(SparsitySettings(sparsity=0.5, transform=family, exclude=["1"])).apply(model)
+    assert type(model[1]) is nn.Linear and not model[1].weight.requires_grad and torch.equal(model[1].weight, before)
+    assert {k.split(".")[0] for k in sparse_targets(model)} == {"2"}  # 0 and 3 are the stem and the head

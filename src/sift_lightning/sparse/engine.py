@@ -170,7 +170,7 @@ class DynamicSparsity:
         def build(m: nn.Module) -> nn.Module:
             if s.transform is None:
                 if not marked:
-                    for _, layer in candidate_layers(m, **select):
+                    for _, layer in candidate_layers(m, **select, who="the sparsity engine"):
                         mark_sparse(layer, s.sparsity)
                 return m
             return transform(m, s.transform, s.sparsity, match_flops=s.match_flops, example_input=example,
@@ -347,6 +347,15 @@ class DynamicSparsity:
         """Raise when a sparse parameter is in no attached optimizer (its masks would never be kept)."""
         attached = {id(e.param) for st in self._optimizers for e in st.entries}
         missing = [full for full, *_, p in sparse_parameters(self.model) if id(p) not in attached]
+        frozen = [full for full, *_, p in sparse_parameters(self.model) if id(p) not in attached and not p.requires_grad]
+        if frozen:
+            layers = sorted({full.rsplit(".", 1)[0] for full in frozen})
+            raise ValueError(
+                f"{len(frozen)} sparse parameters ({frozen[0]}, ...) are frozen (requires_grad=False) and in no "
+                "optimizer: masked, their weights could never recover or move; keep frozen layers dense with "
+                f"exclude=[{', '.join(repr(n) for n in layers[:3])}{', ...' if len(layers) > 3 else ''}] (fnmatch "
+                "patterns such as 'backbone.*' work), or unfreeze them"
+            )
         if missing:
             raise ValueError(
                 f"{len(missing)} sparse parameters ({missing[0]}, ...) are in no optimizer attached to the engine; "

@@ -253,6 +253,14 @@ def candidate_layers(
             f"no Conv2d/Linear layer left to make sparse (layers found: {names}); "
             "check include/exclude patterns or pass keep_ends_dense=False"
         )
+    frozen = [n for n, m in chosen if not m.weight.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"{len(frozen)} chosen layer(s) are frozen (requires_grad=False: {', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''}): {who} would rebuild or mask them, and masked frozen weights never "
+            f"recover; keep them dense with exclude=[{', '.join(repr(n) for n in frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''}] (fnmatch patterns such as 'backbone.*' work), or unfreeze them"
+        )
     if others:
         warnings.warn(_other_layers_note(others) + ": they stay dense, and the sparsity and FLOP budget cover the "
                       "Conv2d/Linear layers only", stacklevel=3)
