@@ -423,3 +423,24 @@ def test_a_frozen_hand_marked_layer_outside_the_optimizer_is_named():
     with pytest.raises(ValueError, match=r"1 sparse parameters \(1\.weight, \.\.\.\) are frozen \(requires_grad=False\) "
                                          r"and in no optimizer.*exclude=\['1'\]"):
         engine.check_coverage()
+
+
+def test_plain_loop_clips_after_prepare_step_without_the_masked_gradients():
+    # the README's recipe: prepare_step masks the gradients (and scores RigL) before you clip them
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    engine = DynamicSparsity(SparsitySettings(sparsity=0.75, algorithm="rigl", update_frequency=1))
+    engine.apply(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt, total_steps=4)
+    F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 2, (16,))).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    engine.prepare_step(opt)
+    layer = model[2]
+    assert grads["2.weight"][~layer.weight_sift_mask].abs().sum() > 0  # backward filled the masked positions
+    assert not layer.weight.grad[~layer.weight_sift_mask].any()
+    active = torch.cat([(p.grad if n != "2.weight" else grads[n][layer.weight_sift_mask]).flatten()
+                        for n, p in model.named_parameters()])
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) == pytest.approx(active.norm().item(), rel=1e-6)
+    opt.step()  # the step's own pre-hook sees the step prepared and does not prepare it twice
+    assert engine.steps == [1] and engine.updates == 1
