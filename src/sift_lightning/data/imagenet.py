@@ -99,7 +99,6 @@ class ImageNetDataModule(SplitDataModule):
         self.test_set = self.val_set  # ImageNet's labelled evaluation set is its validation set
 
 
-
 def _image_folder(folder: Path, transform: v2.Transform) -> ImageFolder:
     try:
         return ImageFolder(str(folder), transform=transform, loader=_read_image)
