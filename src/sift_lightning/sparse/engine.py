@@ -226,6 +226,7 @@ class DynamicSparsity:
         """
         if self.model is None:
             raise ValueError("call apply(model) before attach(optimizer, total_steps)")
+        optimizer = _unwrap(optimizer)
         if isinstance(total_steps, bool) or not isinstance(total_steps, (int, float)) or not math.isfinite(total_steps) \
                 or total_steps < 1:
             raise ValueError(f"total_steps must be the run's optimizer steps (a positive integer), got {total_steps!r}; "
@@ -282,6 +283,7 @@ class DynamicSparsity:
         return [st.end_step for st in self._optimizers]
 
     def _state(self, optimizer: torch.optim.Optimizer) -> _OptimizerState:
+        optimizer = _unwrap(optimizer)
         for st in self._optimizers:
             if st.optimizer is optimizer:
                 return st
@@ -327,6 +329,7 @@ class DynamicSparsity:
 
     def discard_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Forget a prepared step that never ran (the GradScaler skipped it): its scores and gradients."""
+        optimizer = None if optimizer is None else _unwrap(optimizer)
         for st in self._optimizers:
             if optimizer is None or st.optimizer is optimizer:
                 st.prepared, st.pending = False, None
@@ -490,6 +493,20 @@ class DynamicSparsity:
             raise ValueError(f"engine state holds {len(steps)} optimizers' steps but {len(self._optimizers)} are attached")
         for i, st in enumerate(self._optimizers):
             st.step = steps[i] if len(steps) > 1 else steps[0]
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``): its ``step`` is the one that runs, so the hooks go on it."""
+    seen = set()
+    while (isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__ == "LightningOptimizer") and \
+            isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and id(optimizer) not in seen:
+        seen.add(id(optimizer))  # a wrapper is itself an optimizer (not, say, an LR scheduler holding one)
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer) or not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        raise ValueError(f"attach needs a torch.optim.Optimizer (or a wrapper holding one in .optimizer), got "
+                         f"{type(optimizer).__name__}")
+    return optimizer
 
 
 def _sample(values: torch.Tensor, limit: int = 65536) -> torch.Tensor:
