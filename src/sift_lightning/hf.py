@@ -74,10 +74,9 @@ class SparsityTrainerCallback(TrainerCallback):
                              "the Trainer (model = callback.engine.apply(model)) and pass that model to the Trainer")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         if state.global_step > 0:
             self._load(args, state)
-        self.engine.attach(opt, int(state.max_steps))
+        self.engine.attach(optimizer, int(state.max_steps))  # accelerate's wrapper: the engine hooks the torch one
         self.engine.check_coverage()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
