@@ -444,3 +444,25 @@ def test_plain_loop_clips_after_prepare_step_without_the_masked_gradients():
     assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) == pytest.approx(active.norm().item(), rel=1e-6)
     opt.step()  # the step's own pre-hook sees the step prepared and does not prepare it twice
     assert engine.steps == [1] and engine.updates == 1
+
+
+def _mlp_engine(sparsity: float, width: int = 8) -> tuple[nn.Module, DynamicSparsity]:
+    engine = DynamicSparsity(SparsitySettings(sparsity=sparsity))
+    model = engine.apply(nn.Sequential(nn.Linear(4, width), nn.Linear(width, width), nn.Linear(width, width),
+                                       nn.Linear(width, 2)))
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=4)
+    return model, engine
+
+
+def test_engine_state_from_other_settings_or_another_model_is_refused():
+    # a plain loop's resume: the engine's state must belong to this engine's settings and model
+    _, saved = _mlp_engine(0.5)
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=r"engine state was saved with transform=None, sparsity=0.5 .* but this engine "
+                                         r"has transform=None, sparsity=0.75; build the engine and the model"):
+        _mlp_engine(0.75)[1].load_state_dict(state)
+    other = DynamicSparsity(SparsitySettings(sparsity=0.5))
+    other.apply(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)))
+    with pytest.raises(ValueError, match=r"engine state belongs to another model: .*first difference: 2\.weight"):
+        other.load_state_dict(state)
+    _mlp_engine(0.5)[1].load_state_dict(state)  # its own kind loads

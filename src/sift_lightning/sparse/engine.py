@@ -479,10 +479,23 @@ class DynamicSparsity:
             "ever_active": gather_all(self._ever_active, self.model),  # sharded: whole, gathered on every rank
             "steps": self.steps,
             "step": self.steps[0],  # the first optimizer's, for readers of older checkpoints
+            "settings": self.settings.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the engine; before ``attach`` the step counts wait for the optimizers, in attach order."""
+        saved = state.get("settings")  # absent from states written before it was recorded
+        if saved is not None and SparsitySettings.from_dict(saved).structure() != self.settings.structure():
+            other = SparsitySettings.from_dict(saved)
+            raise ValueError(f"engine state was saved with transform={other.transform!r}, sparsity={other.sparsity} "
+                             f"(and its layer selection) but this engine has transform={self.settings.transform!r}, "
+                             f"sparsity={self.settings.sparsity}; build the engine and the model with the saved settings")
+        if self.model is not None and state["ever_active"]:  # empty when saved before any attach
+            ours = {full for full, *_ in sparse_parameters(self.model)}
+            if set(state["ever_active"]) != ours:
+                extra = sorted(set(state["ever_active"]) ^ ours)
+                raise ValueError(f"engine state belongs to another model: its sparse layers differ from this model's "
+                                 f"(first difference: {extra[0]}); load it into the engine of the model it was saved with")
         self.generator.set_state(state["generator"])
         self._ever_active = localize({k: v.clone() for k, v in state["ever_active"].items()}, self.model)
         steps = list(state.get("steps") or [state["step"]])
