@@ -97,3 +97,30 @@ def test_hf_trainer_sharding_is_refused(sharding):
     args = SimpleNamespace(**{"fsdp": [], "deepspeed": None, **sharding})
     with pytest.raises(ValueError, match=f"does not support the Trainer's {next(iter(sharding))}.*DDP"):
         SparsityTrainerCallback(sparsity=0.5).on_init_end(args, None, None, model=torch.nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_multiprocessing_launcher_is_refused(strategy):
+    # its children train; Lightning loads their weights back non-strictly: masks and built layers dropped
+    cb = SparsityCallback(0.5, transform="sparse_doped")
+    trainer = pl.Trainer(strategy=strategy, devices=2, accelerator="cpu", callbacks=[cb], **QUIET)
+    with pytest.raises(ValueError, match=r"does not support Lightning's multiprocessing launcher \(ddp_spawn, ddp_fork, "
+                                         r"ddp_notebook; start method (spawn|fork)\).*use strategy='ddp'"):
+        cb.setup(trainer, _module(), "fit")
+
+
+def test_the_engine_crosses_a_spawn():
+    # torch cannot send a Generator to a spawned process; the engine sends its state as bytes
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reductions, as a spawn does
+
+    engine = SparsityCallback(0.5, seed=3).engine
+    torch.rand(3, generator=engine.generator)
+    data = bytes(ForkingPickler.dumps(engine))
+    assert b"rebuild_storage" not in data  # no tensor storage to share: a raw Generator's state sends one
+    assert b"rebuild_storage" in bytes(ForkingPickler.dumps(torch.Generator()))
+    clone = pickle.loads(data)
+    assert torch.equal(torch.rand(5, generator=clone.generator), torch.rand(5, generator=engine.generator))
+    assert clone.settings == engine.settings

@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging, Timer, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
@@ -141,6 +142,8 @@ class SparsityCallback(pl.Callback):
             raise ValueError(_NO_DEEPSPEED)
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(_NO_FSDP1)
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            raise ValueError(_NO_SPAWN.format(method=trainer.strategy.launcher._start_method))
         mine = next(i for i, c in enumerate(trainer.callbacks) if c is self)
         averaging = [(i, type(c).__name__) for i, c in enumerate(trainer.callbacks)
                      if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
@@ -416,6 +419,10 @@ def _check_optimizer_steps(value: Any) -> list[int] | None:
     return list(items)
 
 
+_NO_SPAWN = ("SparsityCallback does not support Lightning's multiprocessing launcher (ddp_spawn, ddp_fork, "
+             "ddp_notebook; start method {method}): training runs in child processes, and Lightning copies the weights "
+             "back into your main-process model non-strictly, silently dropping the masks and every layer the member "
+             "built; use strategy='ddp', which runs the script once per process")
 _NO_DEEPSPEED = ("SparsityCallback does not support DeepSpeed (ZeRO flattens the parameters its masks follow); "
                  "shard with FSDP2 instead: --config configs/strategies/fsdp2.yaml (ModelParallelStrategy)")
 _NO_FSDP1 = ("SparsityCallback does not support FSDPStrategy (FSDP1 flattens the parameters its masks follow); "

@@ -131,6 +131,18 @@ class DynamicSparsity:
         self._last_histograms: dict[str, torch.Tensor] = {}
         self._covered = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the generator travels as bytes: torch cannot send a Generator to a spawned process (DDP spawn,
+        # torch.multiprocessing), whose shared-memory reduction of its state tensor fails
+        state = self.__dict__.copy()
+        state["generator"] = bytes(self.generator.get_state().numpy().tobytes())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update({**state, "generator": generator})
+
     # ------------------------------------------------------------ structure: before any optimizer
     def apply(self, model: nn.Module, example_input: Any = None) -> nn.Module:
         """Transform ``model``, distribute the sparsity and create the masks; return the model.
