@@ -405,6 +405,8 @@ def test_settings_and_engine_refuse_bad_input():
     assert SparsitySettings(include="layer4*").include == ["layer4*"]  # one pattern, not one per character
     with pytest.raises(ValueError, match=r"^exclude must be a list of fnmatch patterns"):
         SparsitySettings(exclude=3)
+    with pytest.raises(ValueError, match=r"^transform_options \(branch_norm\) configure a member, but transform=None"):
+        SparsitySettings(transform_options={"branch_norm": True})  # would have been ignored
 
 
 def test_unreachable_sparsity_warns():

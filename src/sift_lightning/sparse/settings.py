@@ -89,6 +89,9 @@ class SparsitySettings:
         if not isinstance(self.transform_options, dict):
             raise ValueError(f"transform_options must be a mapping of member options, got {self.transform_options!r}")
         self.transform_options = dict(self.transform_options)
+        if self.transform is None and self.transform_options:
+            raise ValueError(f"transform_options ({', '.join(self.transform_options)}) configure a member, but "
+                             "transform=None trains the model's own layers and takes none; set transform= or drop them")
         if self.parametrization == "supar" and self.sparse_init_scale:
             raise ValueError("parametrization='supar' sets each sparse layer's init itself; turn sparse_init_scale off")
 
