@@ -159,3 +159,25 @@ def test_a_failing_first_step_leaves_no_flop_counter_or_hooks_behind(tmp_path):
         trainer.fit(module, _text_data())
     assert _get_current_dispatch_mode() is None
     assert not [m for m in module.modules() if m._forward_hooks]
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "levit_128s", "swin_tiny_patch4_window7_224"])
+def test_a_fixed_size_timm_model_is_built_for_image_size(backbone):
+    # a ViT made for 224 px asserts on CIFAR's 32 px; built at image_size it runs, and a member applies
+    model = ImageClassifier(backbone, num_classes=10, cifar_stem=False, image_size=32)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    cb = SparsityCallback(0.5, transform="sparse_doped")
+    trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    data = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))), batch_size=2)
+    trainer.fit(model, data)
+    assert sparse_targets(model)
+
+
+def test_an_image_size_the_model_cannot_take_is_one_line():
+    with pytest.raises(ValueError, match=r"^vit_tiny_patch16_224 is built for 224 px inputs and cannot be built for "
+                                         r"image_size=8 \(RuntimeError: .*\); pick an image_size it accepts"):
+        ImageClassifier("vit_tiny_patch16_224", num_classes=10, cifar_stem=False, image_size=8)
+    given = ImageClassifier("vit_tiny_patch16_224", num_classes=10, cifar_stem=False, image_size=32,
+                            backbone_kwargs={"img_size": 64})  # the user's own img_size wins
+    assert given.backbone.patch_embed.img_size == (64, 64)

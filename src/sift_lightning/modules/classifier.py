@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -16,6 +18,7 @@ from sift_lightning.models.backbones import create_backbone
 from sift_lightning.modules._optim import OptimConfig, as_optim_config, configure_optim
 from sift_lightning.modules._restore import SiftCheckpointMixin
 from sift_lightning.parallel import configure_fsdp2
+from sift_lightning.transforms._probe import meta_copy
 
 __all__ = ["ImageClassifier"]
 
@@ -50,8 +53,7 @@ class ImageClassifier(SiftCheckpointMixin, pl.LightningModule):
         self.save_hyperparameters(ignore=["optim"] if isinstance(backbone, str) else ["optim", "backbone"])
         self.hparams["optim"] = asdict(self.optim)  # plain data: checkpoints load with weights_only
         if isinstance(backbone, str):
-            backbone = create_backbone(backbone, num_classes, cifar_stem=cifar_stem, in_chans=in_chans,
-                                       **(backbone_kwargs or {}))
+            backbone = _timm_backbone(backbone, num_classes, cifar_stem, in_chans, image_size, dict(backbone_kwargs or {}))
         self.backbone = backbone
         self.label_smoothing = label_smoothing
         self.example_input_array = torch.zeros(1, in_chans, image_size, image_size)
@@ -99,3 +101,30 @@ class ImageClassifier(SiftCheckpointMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return configure_optim(self, self.optim)
+
+
+def _timm_backbone(name: str, num_classes: int, cifar_stem: bool, in_chans: int, image_size: int,
+                   kwargs: dict[str, Any]) -> nn.Module:
+    """``create_backbone``, built for ``image_size`` when the model fixes its input size (ViT, Swin, ...).
+
+    A timm model that takes ``img_size`` sizes its patch grid and position embeddings for it and
+    refuses other inputs (a ViT made for 224 px asserts on CIFAR's 32 px), so it is built at
+    ``image_size`` unless ``backbone_kwargs`` sets ``img_size`` itself.
+    """
+    model = create_backbone(name, num_classes, cifar_stem=cifar_stem, in_chans=in_chans, **kwargs)
+    takes_size = any("img_size" in inspect.signature(cls.__init__).parameters  # a subclass may take **kwargs
+                     for cls in type(model).__mro__ if "__init__" in vars(cls) and cls is not object)
+    built_for = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (in_chans, image_size, image_size))
+    if "img_size" in kwargs or not takes_size or tuple(built_for[-2:]) == (image_size, image_size):
+        return model
+    try:
+        model = create_backbone(name, num_classes, cifar_stem=cifar_stem, in_chans=in_chans, img_size=image_size,
+                                **kwargs)
+        with torch.no_grad():  # built is not runnable: a 16 px patch does not fit an 8 px image
+            meta_copy(model).eval()(torch.zeros(1, in_chans, image_size, image_size, device="meta"))
+        return model
+    except (AssertionError, ValueError, RuntimeError, TypeError, IndexError) as err:
+        raise ValueError(f"{name} is built for {built_for[-1]} px inputs and cannot be built for image_size="
+                         f"{image_size} ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}); "
+                         "pick an image_size it accepts (a multiple of its patch and window sizes) or set "
+                         "backbone_kwargs.img_size") from None
