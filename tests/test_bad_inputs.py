@@ -270,3 +270,19 @@ def test_a_previous_runs_config_is_not_overwritten(tmp_path, monkeypatch, capsys
         "wrote it, and its checkpoints belong to it; give this run its own folder (--trainer.default_root_dir, or "
         "keep the TensorBoard logger: it makes version_<n>) or delete that file")
     assert config.read_text() == before
+
+
+def test_pretrained_weights_offline_are_one_line(tmp_path):
+    # a fresh process with an empty Hugging Face cache and the hub offline: what an offline user meets
+    import os
+    import subprocess
+    import sys
+
+    code = ("from sift_lightning import create_backbone\n"
+            "try:\n    create_backbone('resnet18', 10, pretrained=True)\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert re.fullmatch(r"pretrained weights for resnet18 could not be downloaded or found in the Hugging Face "
+                        r"cache \(\w+: .*\); connect once to download them, copy the cache .* or set pretrained: false",
+                        out.stdout.strip()), out.stdout + out.stderr

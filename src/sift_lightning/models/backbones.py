@@ -85,7 +85,16 @@ def create_backbone(
     """
     if not timm.is_model(name):
         raise ValueError(unknown_backbone_message(name))
-    model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    try:
+        model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    except OSError as err:  # pretrained weights: offline, not in the Hugging Face cache (hub errors are OSErrors)
+        if not timm_kwargs.get("pretrained"):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"pretrained weights for {name} could not be downloaded or found in the Hugging Face cache "
+                         f"({type(err).__name__}: {first[:200]}); connect once to download them, copy the cache "
+                         "(~/.cache/huggingface/hub, or $HF_HOME) from a machine that has them, or set "
+                         "pretrained: false") from None
     if cifar_stem and not getattr(model, "cifar_native", False):
         _apply_cifar_stem(model, name)
     return model
