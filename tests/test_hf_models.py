@@ -79,3 +79,17 @@ def test_a_language_models_stem_is_its_embedding(make, first, last):
         owners = _owners(sparse_targets(model))
         assert first in owners and last not in owners, member
         assert not any("embed" in o for o in owners)
+
+
+@pytest.mark.parametrize("member", [None, "sparse_doped"])
+def test_a_head_tied_to_the_embedding_is_refused_when_chosen(member):
+    # masking the head would mask the embedding table; a member would untie them
+    def llama() -> LlamaForCausalLM:
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, tie_word_embeddings=True))
+
+    with pytest.raises(ValueError, match=r"^lm_head\.weight is shared with model\.embed_tokens\.weight \(tied weights\)"
+                                         r".*keep lm_head dense \(exclude=\['lm_head'\]"):
+        DynamicSparsity(SparsitySettings(sparsity=0.5, transform=member, keep_ends_dense=False)).apply(llama())
+    model = DynamicSparsity(SparsitySettings(sparsity=0.5, transform=member)).apply(llama())  # the head stays dense
+    assert model.lm_head.weight is model.model.embed_tokens.weight and sparse_targets(model)

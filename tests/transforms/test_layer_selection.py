@@ -98,8 +98,14 @@ def test_gpt_blocks_sparse_embeddings_head_norms_dense(family):
 
 
 def test_gpt_keep_ends_dense_false_transforms_lm_head():
-    model = transform(GPT(gpt_config("gpt_tiny")), "sparse_doped", 0.5, keep_ends_dense=False)
+    from dataclasses import replace
+
+    untied = GPT(replace(gpt_config("gpt_tiny"), tie_weights=False))
+    model = transform(untied, "sparse_doped", 0.5, keep_ends_dense=False)
     assert "lm_head.sparse.weight" in sparse_targets(model)
+    # tied to the token embedding (the default), the head would untie or mask the embedding: refused
+    with pytest.raises(ValueError, match=r"^lm_head\.weight is shared with wte\.weight \(tied weights\)"):
+        transform(GPT(gpt_config("gpt_tiny")), "sparse_doped", 0.5, keep_ends_dense=False)
 
 
 def test_gpt_parallel_branch_count():

@@ -253,6 +253,17 @@ def candidate_layers(
             f"no Conv2d/Linear layer left to make sparse (layers found: {names}); "
             "check include/exclude patterns or pass keep_ends_dense=False"
         )
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for n, m in chosen:  # tied weights (an LM head sharing the embedding table): masking or rebuilding one breaks both
+        others_sharing = [o for o in owners.get(id(m.weight), []) if o != f"{n}.weight"]
+        if others_sharing:
+            raise ValueError(
+                f"{n}.weight is shared with {others_sharing[0]} (tied weights): {who} would mask or rebuild it, which "
+                f"would make {others_sharing[0]} sparse too or untie the two; keep {n} dense (exclude=['{n}'], or "
+                "keep_ends_dense=True for a head)"
+            )
     frozen = [n for n, m in chosen if not m.weight.requires_grad]
     if frozen:
         raise ValueError(
