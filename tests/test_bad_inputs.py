@@ -124,6 +124,12 @@ def test_empty_text_file(tmp_path):
         _text_module(tmp_path, tmp_path / "empty.txt").setup("fit")
 
 
+def test_folder_passed_as_a_text_file(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'corpus'))} is a folder, but files lists text files"):
+        _text_module(tmp_path, tmp_path / "corpus").setup("fit")
+
+
 def test_gzip_file_passed_as_text(tmp_path):
     path = tmp_path / "corpus.txt.gz"
     path.write_bytes(gzip.compress(b"some text\n" * 100))

@@ -169,6 +169,10 @@ class TextDataModule(SplitDataModule):
                 )
             return paths
         paths = [abspath(f) for f in self.files]
+        folders = [p for p in paths if p.is_dir()]
+        if folders:
+            raise ValueError(f"{folders[0]} is a folder, but files lists text files; list the files in it "
+                             f"(e.g. {folders[0]}/*.txt expanded by your shell) instead")
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise DataNotFoundError(
