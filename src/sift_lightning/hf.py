@@ -33,6 +33,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from sift_lightning.sparse.engine import DynamicSparsity
 from sift_lightning.sparse.settings import SparsitySettings
+from sift_lightning.transforms._surgery import is_hf_conv1d, replace_module
 
 __all__ = ["ENGINE_STATE_NAME", "SparsityTrainerCallback", "conv1d_to_linear"]
 
@@ -119,7 +120,7 @@ def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
     Call it before the engine, the callback or ``transform``.
     """
     for name, module in list(model.named_modules()):
-        if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+        if not is_hf_conv1d(module):
             continue
         weight = module.weight
         linear = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None,
@@ -128,6 +129,5 @@ def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
             linear.weight.copy_(weight.t())
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        replace_module(model, name, linear)
     return model

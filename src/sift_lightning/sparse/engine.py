@@ -48,7 +48,7 @@ from sift_lightning.sparse.sharded import (
 )
 from sift_lightning.sparse.updaters import drop_and_grow, grow_scores
 from sift_lightning.transforms import transform
-from sift_lightning.transforms._surgery import candidate_layers
+from sift_lightning.transforms._surgery import candidate_layers, exclude_hint
 
 __all__ = ["DynamicSparsity", "SupportsTransform", "check_checkpoint_fits"]
 
@@ -135,7 +135,7 @@ class DynamicSparsity:
         # the generator travels as bytes: torch cannot send a Generator to a spawned process (DDP spawn,
         # torch.multiprocessing), whose shared-memory reduction of its state tensor fails
         state = self.__dict__.copy()
-        state["generator"] = bytes(self.generator.get_state().numpy().tobytes())
+        state["generator"] = self.generator.get_state().numpy().tobytes()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -295,9 +295,12 @@ class DynamicSparsity:
         return [st.end_step for st in self._optimizers]
 
     def _state(self, optimizer: torch.optim.Optimizer) -> _OptimizerState:
-        optimizer = _unwrap(optimizer)
-        for st in self._optimizers:
+        for st in self._optimizers:  # every step: the hooks pass the torch optimizer itself
             if st.optimizer is optimizer:
+                return st
+        inner = _unwrap(optimizer)  # a wrapper handed to prepare_step/after_step by the user
+        for st in self._optimizers:
+            if st.optimizer is inner:
                 return st
         raise ValueError("this optimizer is not attached to the engine; call attach(optimizer, total_steps)")
 
@@ -361,16 +364,15 @@ class DynamicSparsity:
     def check_coverage(self) -> None:
         """Raise when a sparse parameter is in no attached optimizer (its masks would never be kept)."""
         attached = {id(e.param) for st in self._optimizers for e in st.entries}
-        missing = [full for full, *_, p in sparse_parameters(self.model) if id(p) not in attached]
-        frozen = [full for full, *_, p in sparse_parameters(self.model) if id(p) not in attached and not p.requires_grad]
+        missing = [(full, p) for full, *_, p in sparse_parameters(self.model) if id(p) not in attached]
+        frozen = [full for full, p in missing if not p.requires_grad]
         if frozen:
-            layers = sorted({full.rsplit(".", 1)[0] for full in frozen})
             raise ValueError(
                 f"{len(frozen)} sparse parameters ({frozen[0]}, ...) are frozen (requires_grad=False) and in no "
-                "optimizer: masked, their weights could never recover or move; keep frozen layers dense with "
-                f"exclude=[{', '.join(repr(n) for n in layers[:3])}{', ...' if len(layers) > 3 else ''}] (fnmatch "
-                "patterns such as 'backbone.*' work), or unfreeze them"
+                "optimizer: masked, their weights could never recover or move; "
+                + exclude_hint(sorted({full.rsplit(".", 1)[0] for full in frozen}))
             )
+        missing = [full for full, _ in missing]
         if missing:
             raise ValueError(
                 f"{len(missing)} sparse parameters ({missing[0]}, ...) are in no optimizer attached to the engine; "
@@ -497,8 +499,8 @@ class DynamicSparsity:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the engine; before ``attach`` the step counts wait for the optimizers, in attach order."""
         saved = state.get("settings")  # absent from states written before it was recorded
-        if saved is not None and SparsitySettings.from_dict(saved).structure() != self.settings.structure():
-            other = SparsitySettings.from_dict(saved)
+        other = SparsitySettings.from_dict(saved) if saved is not None else None
+        if other is not None and other.structure() != self.settings.structure():
             raise ValueError(f"engine state was saved with transform={other.transform!r}, sparsity={other.sparsity} "
                              f"(and its layer selection) but this engine has transform={self.settings.transform!r}, "
                              f"sparsity={self.settings.sparsity}; build the engine and the model with the saved settings")

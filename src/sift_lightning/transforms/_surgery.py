@@ -32,8 +32,10 @@ __all__ = [
     "assert_no_sparse_layers",
     "candidate_layers",
     "check_weight_readers",
+    "exclude_hint",
     "following_norm",
     "is_candidate",
+    "is_hf_conv1d",
     "keep_zero_init",
     "other_weight_layers",
     "replace_module",
@@ -63,14 +65,24 @@ _OTHER_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, 
                         nn.RNNBase)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``x @ W + b`` with ``W`` of shape (in, out), a transposed Linear."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def other_weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Layers computing with a weight matrix or kernel that are not candidates: they stay dense.
 
     torch's Conv1d/Conv3d, transposed convs, Bilinear, MultiheadAttention's packed input projection,
     recurrent layers, and transformers' ``Conv1D`` (a Linear with its weight transposed).
     """
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, _OTHER_WEIGHT_LAYERS) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _OTHER_WEIGHT_LAYERS) or is_hf_conv1d(m)]
+
+
+def exclude_hint(names: Sequence[str]) -> str:
+    """How to keep the named layers dense: ``keep them dense with exclude=['a', 'b', ...] ...``."""
+    listed = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"keep them dense with exclude=[{listed}] (fnmatch patterns such as 'backbone.*' work), or unfreeze them"
 
 
 def _other_layers_note(others: list[tuple[str, nn.Module]]) -> str:
@@ -227,6 +239,7 @@ def candidate_layers(
     """
     assert_no_sparse_layers(model)
     layers = [(n, m) for n, m in model.named_modules() if is_candidate(m)]
+    others = other_weight_layers(model)
     dense_patterns = list(exclude or [])
     if keep_ends_dense:
         declared = _declared_dense(model)
@@ -236,14 +249,13 @@ def candidate_layers(
             # the stem and the classifier; a model that starts with an embedding (a language model: HF
             # GPT-2, Llama, BERT) or a Conv1d front end has that as its stem, and its first block's
             # Q/K/V are transformed
-            dense_patterns += [layers[-1][0]] if _stem_is_not_a_candidate(model, layers[0][1]) else \
+            dense_patterns += [layers[-1][0]] if _stem_is_not_a_candidate(model, layers[0][1], others) else \
                 [layers[0][0], layers[-1][0]]
     chosen = [
         (n, m)
         for n, m in layers
         if (include is None or _matches(n, include)) and not _matches(n, dense_patterns)
     ]
-    others = other_weight_layers(model)
     if not chosen:
         names = ", ".join(n for n, _ in layers[:6]) or "none"
         if others:
@@ -269,8 +281,7 @@ def candidate_layers(
         raise ValueError(
             f"{len(frozen)} chosen layer(s) are frozen (requires_grad=False: {', '.join(frozen[:3])}"
             f"{', ...' if len(frozen) > 3 else ''}): {who} would rebuild or mask them, and masked frozen weights never "
-            f"recover; keep them dense with exclude=[{', '.join(repr(n) for n in frozen[:3])}"
-            f"{', ...' if len(frozen) > 3 else ''}] (fnmatch patterns such as 'backbone.*' work), or unfreeze them"
+            f"recover; {exclude_hint(frozen)}"
         )
     if others:
         warnings.warn(_other_layers_note(others) + ": they stay dense, and the sparsity and FLOP budget cover the "
@@ -279,14 +290,14 @@ def candidate_layers(
     return chosen
 
 
-def _stem_is_not_a_candidate(model: nn.Module, first: nn.Module) -> bool:
-    """Whether an embedding or another weight layer (a Conv1d front end) is registered before ``first``,
-    the first candidate layer: then that is the stem, and ``first`` is an ordinary hidden layer."""
-    others = {id(m) for _, m in other_weight_layers(model)}
+def _stem_is_not_a_candidate(model: nn.Module, first: nn.Module, others: list[tuple[str, nn.Module]]) -> bool:
+    """Whether an embedding or another weight layer (``others``: a Conv1d front end) is registered before
+    ``first``, the first candidate layer: then that is the stem, and ``first`` is an ordinary hidden layer."""
+    other_ids = {id(m) for _, m in others}
     for m in model.modules():
         if m is first:
             return False
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or id(m) in others:
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or id(m) in other_ids:
             return True
     return False
 
